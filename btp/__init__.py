@@ -1,0 +1,1 @@
+"""MESGD runner: sequential model editing with MELO and baselines."""
