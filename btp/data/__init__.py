@@ -1,0 +1,107 @@
+"""The data layer: per-task loaders returning :class:`TaskData`, and the :class:`Collator`.
+
+``load_task_data(task, data_cfg, data_dir, max_n_edits)`` with ``task`` in ``qa`` (alias
+``zsre``), ``scotus``, ``hallucination``. Relative file names are under ``data_dir`` (the shipped
+sample is the repository's ``data/``; ``download.sh`` fills the same layout with the full data).
+
+``data_cfg`` keys read here (attribute access; a missing key or ``None`` means the default):
+
+==========================  ===================================================  ==============
+key                         meaning                                              default
+==========================  ===================================================  ==============
+``zsre_format``             ``mend`` (MEND JSON-lines, MELO's file) | ``rome``   ``mend``
+                            (ROME/EasyEdit JSON array)
+``zsre_file``               zsRE file under data_dir                             ``zsre_train.jsonl``
+                                                                                 (mend) /
+                                                                                 ``zsre_mend_eval.json``
+                                                                                 (rome)
+``zsre_holdout_swap_bug``   reproduce the original's holdout text/label swap     ``false``
+``edit_permutation_seed``   numpy seed of the zsRE edit permutation              ``42``
+``nq_file``                 NQ upstream file                                     ``nq_train.json``
+``n_upstream``              upstream records kept (first n), every task          ``1000``
+``scotus_source``           ``auto`` | ``hub`` | ``csv`` | ``lexglue``           ``auto``
+``scotus_hub_id``           hub id for ``scotus_source=hub``                     ``tomh/grace-scotus``
+``scotus_lexglue_file``     LexGLUE raw file                                     ``scotus/scotus.jsonl``
+``hallucination_source``    ``auto`` | ``hub`` | ``json``                        ``auto``
+``hallucination_hub_id``    hub id                                               ``potsawee/wiki_bio_gpt3_hallucination``
+``hallucination_file``      local JSON export                                    ``hallucination/wikibio_gpt3_hallucination.json``
+``concepts_file``           concepts, one per passage                            ``hallucination/wiki_bio_concepts.txt``
+``sentence_splitter``       ``auto`` | ``nltk`` | ``regex``                      ``auto``
+``upstream_source``         OpenWebText: ``auto`` | ``hub`` | ``jsonl`` | ``txt``  ``auto``
+``upstream_hub_id``         hub id                                               ``stas/openwebtext-10k``
+``openwebtext_dir``         folder of ``openwebtext-10k.jsonl`` / ``*.txt``      ``openwebtext``
+==========================  ===================================================  ==============
+
+Not read by ``load_task_data`` but meant for the same section (the runner passes them to
+:class:`Collator`): ``max_length`` (qa 20, scotus 512, hallucination 1024) and
+``label_max_length`` (qa 20; unused by the other kinds).
+
+Number of edits: ``max_n_edits`` if given; otherwise 1000 for qa (MELO's ``n_edits``) and the
+whole stream for scotus and hallucination. A source with fewer records is used whole (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from btp.data.collate import Collator
+from btp.data.common import TaskData, cfg_get
+from btp.errors import DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TaskData", "Collator", "load_task_data", "TASKS"]
+
+TASKS = ("qa", "scotus", "hallucination")
+_ALIASES = {"zsre": "qa", "hallucinations": "hallucination"}
+
+#: MELO's default number of zsRE edits when ``max_n_edits`` is not given.
+DEFAULT_QA_EDITS = 1000
+
+
+def load_task_data(
+    task: str, data_cfg: Any, data_dir: Path | str, max_n_edits: int | None
+) -> TaskData:
+    """Load the edit stream, upstream, holdout and accurate sets of ``task``.
+
+    Args:
+        task: ``qa`` (alias ``zsre``), ``scotus`` or ``hallucination``.
+        data_cfg: the data config section (keys in the module docstring), a dict, or ``None``.
+        data_dir: root of the data layout (the shipped sample or what download.sh filled).
+        max_n_edits: cap on the edit stream; ``None`` means the task's default (see above).
+
+    Raises:
+        DataError: unknown task, missing file (names it and says to run download.sh), malformed
+            record (file and line), or an unusable option value.
+    """
+    task = _ALIASES.get(task, task)
+    data_dir = Path(data_dir)
+
+    def get(key: str, default: Any) -> Any:
+        return cfg_get(data_cfg, key, default)
+
+    n_upstream = int(get("n_upstream", 1000))
+    if task == "qa":
+        from btp.data.zsre import load_qa
+
+        n_edits = DEFAULT_QA_EDITS if max_n_edits is None else int(max_n_edits)
+        edits, holdout, upstream = load_qa(data_cfg, data_dir, n_edits, n_upstream, get)
+        data = TaskData(edits=edits, upstream=upstream, holdout=holdout)
+    elif task == "scotus":
+        from btp.data.scotus import load_scotus
+
+        edits, upstream = load_scotus(data_dir, max_n_edits, n_upstream, get)
+        data = TaskData(edits=edits, upstream=upstream)
+    elif task == "hallucination":
+        from btp.data.hallucination import load_hallucination
+
+        edits, accurate, upstream = load_hallucination(data_dir, max_n_edits, n_upstream, get)
+        data = TaskData(edits=edits, upstream=upstream, accurate=accurate)
+    else:
+        raise DataError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
+    if not data.edits:
+        raise DataError(f"task '{task}': no edit records found under {data_dir}")
+    log.info("task %s data from %s: %s", task, data_dir, data.counts())
+    return data

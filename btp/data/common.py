@@ -1,0 +1,134 @@
+"""Shared pieces of the data layer: the ``TaskData`` record, config access, file reading.
+
+Every loader returns records of the form ``{"text": str, "label": str | int}``. Files are read
+with clear errors: a missing file names the file and says how to get it; a malformed record
+names the file and the line (JSON-lines) or record index (JSON arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from btp.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+
+#: The hint every "file not found" error ends with.
+GET_DATA_HINT = (
+    "run ./download.sh to fetch the full data, or set data_dir to the shipped sample "
+    "(the repository's data/ folder)"
+)
+
+
+@dataclass
+class TaskData:
+    """The records of one task, before tokenization.
+
+    Attributes:
+        edits: the edit stream, in stream order; each ``{"text": str, "label": str | int}``.
+        upstream: records the model should keep right (retention, TRR).
+        holdout: rephrasings of the edits (generality); qa only, else ``None``.
+        accurate: sentences the model already gets right (ARR); hallucination only, else ``None``.
+    """
+
+    edits: list[Record] = field(default_factory=list)
+    upstream: list[Record] = field(default_factory=list)
+    holdout: list[Record] | None = None
+    accurate: list[Record] | None = None
+
+    def counts(self) -> dict[str, int]:
+        """Number of records per part (``None`` parts count as 0), for logs and summaries."""
+        return {
+            "edits": len(self.edits),
+            "upstream": len(self.upstream),
+            "holdout": len(self.holdout or []),
+            "accurate": len(self.accurate or []),
+        }
+
+
+def cfg_get(cfg: Any, key: str, default: Any) -> Any:
+    """Read ``cfg.key`` from a DictConfig, dataclass, dict or ``None``; ``None`` means default.
+
+    ``getattr`` with a default also covers OmegaConf struct configs, whose missing-key error is
+    an ``AttributeError`` subclass.
+    """
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def resolve(data_dir: Path, name: str | Path) -> Path:
+    """A data file path: absolute paths as given, relative ones under ``data_dir``."""
+    path = Path(name)
+    return path if path.is_absolute() else Path(data_dir) / path
+
+
+def require_file(path: Path, what: str) -> Path:
+    """Return ``path`` if it is a file, else raise a ``DataError`` that says how to get it."""
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}; {GET_DATA_HINT}")
+    return path
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
+    """Yield ``(line_number, object)`` for each non-empty line of a JSON-lines file.
+
+    Raises:
+        DataError: a line that is not a JSON object, with the file and 1-based line number.
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object per line")
+            yield lineno, obj
+
+
+def read_json(path: Path) -> Any:
+    """Load a whole JSON document; a syntax error names the file and line."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from e
+
+
+def take(records: list[Record], n: int | None, what: str) -> list[Record]:
+    """The first ``n`` records (all when ``n`` is None); log when the source has fewer."""
+    if n is None:
+        return records
+    if len(records) < n:
+        log.info("%s: only %d records available (asked for %d); using all", what, len(records), n)
+        return records
+    return records[:n]
+
+
+def load_hub_split(hub_id: str, split: str, what: str, local_hint: str) -> Any:
+    """``datasets.load_dataset(hub_id, split=split)``; failures become one-line ``DataError``s.
+
+    The hub is not reachable from every machine, so the message says which local source to use.
+    """
+    import datasets  # imported lazily: it is slow to import and unneeded for local files
+
+    try:
+        return datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # noqa: BLE001 - any hub/network failure means the same to the user
+        raise DataError(
+            f"{what}: could not load hub dataset '{hub_id}' split '{split}' "
+            f"({type(e).__name__}; no network or hub unreachable); {local_hint}"
+        ) from e
