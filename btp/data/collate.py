@@ -95,10 +95,14 @@ class Collator:
             raise ConfigError("a causal LM tokenizer needs an eos token")
         rows: list[tuple[list[int], list[int]]] = []
         for r in records:
-            prompt_ids = tok(r["text"], add_special_tokens=False)["input_ids"]
+            # Truncating each piece to max_length only avoids long-sequence warnings; the
+            # concatenation is cut to max_length below anyway.
+            prompt_ids = tok(r["text"], add_special_tokens=False, truncation=True,
+                             max_length=self.max_length)["input_ids"]
             label = str(r["label"])
             if label:
-                tail = tok(" " + label, add_special_tokens=False)["input_ids"] + [eos]
+                tail = tok(" " + label, add_special_tokens=False, truncation=True,
+                           max_length=self.max_length)["input_ids"] + [eos]
                 ids = (prompt_ids + tail)[: self.max_length]
                 n_prompt = min(len(prompt_ids), len(ids))
             else:
