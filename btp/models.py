@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ _AUTO_CLASSES = {
 
 def _field(cfg: Any, key: str, default: Any = None) -> Any:
     value = cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+    if isinstance(value, Enum):  # the schema's str Enums (ModelKind) -> plain strings
+        value = value.value
     return default if value is None else value
 
 

@@ -76,6 +76,7 @@ def load_task_data(
         DataError: unknown task, missing file (names it and says to run download.sh), malformed
             record (file and line), or an unusable option value.
     """
+    task = str(getattr(task, "value", task))  # a str Enum from the schema -> its plain value
     task = _ALIASES.get(task, task)
     data_dir = Path(data_dir)
 

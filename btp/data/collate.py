@@ -50,6 +50,7 @@ class Collator:
         max_length: int | None = None,
         label_max_length: int | None = None,
     ) -> None:
+        kind = str(getattr(kind, "value", kind))  # a str Enum from the schema -> plain value
         kind = TASK_KIND.get(kind, kind)
         if kind not in KINDS:
             raise ConfigError(f"unknown collator kind '{kind}'; expected one of {KINDS}")

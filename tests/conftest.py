@@ -1,0 +1,49 @@
+"""Shared pytest fixtures. Keep each fixture small and documented; add new ones below."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The shipped real data sample (``data/``), in the layout the loaders read."""
+    return REPO_ROOT / "data"
+
+
+#: The tiny stand-ins as model_cfg dicts, keyed by architecture.
+TINY_MODEL_CFGS: dict[str, dict[str, Any]] = {
+    "t5small": {"name": "tiny-t5small", "kind": "seq2seq", "tiny": {}},
+    "t5large": {"name": "tiny-t5large", "kind": "seq2seq", "tiny": {}},
+    "scotus-bert": {"name": "tiny-scotus-bert", "kind": "classification", "tiny": {},
+                    "num_labels": 14},
+    "gpt2xl": {"name": "tiny-gpt2xl", "kind": "causal_lm", "tiny": {}},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[[str], tuple[Any, Any]]:
+    """``tiny_model(arch) -> (model, tokenizer)``: a frozen tiny stand-in on CPU, built once per
+    session (callers must not modify it; build your own with ``load_model_and_tokenizer`` if so).
+    """
+    from btp.models import load_model_and_tokenizer
+
+    cache: dict[str, tuple[Any, Any]] = {}
+
+    def get(arch: str) -> tuple[Any, Any]:
+        if arch not in cache:
+            cache[arch] = load_model_and_tokenizer(TINY_MODEL_CFGS[arch], "cpu")
+        return cache[arch]
+
+    return get
