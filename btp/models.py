@@ -181,7 +181,24 @@ def build_tiny_model(arch: str, tiny: dict[str, Any], num_labels: int | None = N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(tiny.get("seed", seed)))
         model = cls(config)
+        if family == "t5" and not ARCHS[arch].get("tie_word_embeddings", True):
+            _untie_t5_lm_head(model)
     return model, get_tokenizer(family)
+
+
+def _untie_t5_lm_head(model: nn.Module) -> None:
+    """Give a T5 v1.1-style stand-in its own ``lm_head`` like the real checkpoint.
+
+    transformers 5 always ties T5's ``lm_head`` to ``shared`` at init and only unties when a
+    checkpoint holds two different tensors; ``tie_word_embeddings=False`` in the config only
+    turns off the decoder-output scaling. So build the separate head here (T5's init: N(0, 1)).
+    """
+    head = model.lm_head
+    head.weight = nn.Parameter(torch.randn_like(head.weight))
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied.pop("lm_head.weight", None)  # so a later tie_weights() keeps them apart
+    model.config.tie_word_embeddings = False
 
 
 def zero_dropout(model: nn.Module) -> nn.Module:
