@@ -34,6 +34,13 @@ DB_STATS: tuple[str, ...] = ("clusters", "conflicts", "forgotten")
 _NON_VARIANT_PREFIXES: tuple[str, ...] = (
     "seed", "alg", "experiment", "model", "hydra.", "hydra/", "wandb", "device", "output_dir",
 )
+#: Config sections each algorithm reads (as btp/schema.py's ALG_SECTIONS; kept here so that the
+#: script also works on copied run directories without the package).
+ALG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "melo": ("melo",), "grace": ("grace",), "ft": ("ft",), "ft_ewc": ("ft", "ewc"),
+    "plain_lora": ("plain_lora",),
+}
+ALL_ALG_SECTIONS = frozenset(s for secs in ALG_SECTIONS.values() for s in secs)
 #: Files whose presence marks a directory as a (possibly broken) run directory.
 _RUN_MARKERS: tuple[str, ...] = ("summary.json", "metrics.jsonl", ".hydra/config.yaml")
 
@@ -45,7 +52,8 @@ class Run:
     path: Path
     summary: dict[str, Any]
     curve: list[dict[str, Any]]
-    variant: tuple[str, ...] = ()
+    overrides: dict[str, str] = field(default_factory=dict)
+    variant: tuple[str, ...] = ()  # set by assign_variants
 
     @property
     def task(self) -> str:
@@ -98,29 +106,56 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
     return [found[key] for key in sorted(found)]
 
 
-def _variant(run_dir: Path, extra_ignored: tuple[str, ...]) -> tuple[str, ...]:
-    """Overrides of this run that make it a distinct method variant (e.g. ``grace.init_radius=50``).
+def read_overrides(run_dir: Path) -> dict[str, str]:
+    """The run's command-line overrides (``.hydra/overrides.yaml``) as ``{key: value}``.
 
-    Read from ``.hydra/overrides.yaml``; without it the run is the plain algorithm.
+    Without the file (a run not started by Hydra) the run has no overrides.
     """
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
-        return ()
+        return {}
     try:
         import yaml  # PyYAML comes with Hydra/OmegaConf
 
-        overrides = yaml.safe_load(path.read_text()) or []
+        items = yaml.safe_load(path.read_text()) or []
     except Exception as exc:  # noqa: BLE001 - a bad overrides file only loses the variant label
         log.warning("%s: unreadable overrides.yaml (%s); treating as plain algorithm", run_dir, exc)
-        return ()
+        return {}
+    out = {}
+    for item in items:
+        key, _, value = str(item).lstrip("+~").partition("=")
+        out[key] = value
+    return out
+
+
+def _relevant(key: str, alg: str, ignored: tuple[str, ...]) -> bool:
+    """Whether an override can change this algorithm's results (and so name a variant)."""
+    if key.startswith(ignored):
+        return False
+    section = key.split(".", 1)[0]
+    # Another algorithm's hyperparameters (e.g. grace.init_radius on a MELO run of a joint
+    # `+alg=lora,grace` sweep) do not change this run.
+    return not (section in ALL_ALG_SECTIONS and section not in ALG_SECTIONS.get(alg, (section,)))
+
+
+def assign_variants(runs: list[Run], extra_ignored: tuple[str, ...] = ()) -> None:
+    """Label runs of one (task, model, alg) by the overrides that differ between them.
+
+    Overrides shared by all those runs (e.g. a sweep-wide ``max_n_edits=50``) are not part of the
+    label; seeds and launcher/logging settings never are. Runs whose labels are equal form one
+    table row, averaged over their seeds.
+    """
     ignored = _NON_VARIANT_PREFIXES + extra_ignored
-    kept = []
-    for item in overrides:
-        text = str(item)
-        key = text.lstrip("+~").split("=", 1)[0]
-        if not key.startswith(ignored):
-            kept.append(text.lstrip("+"))
-    return tuple(sorted(kept))
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.task, run.model, str(run.summary["alg"])), []).append(run)
+    for (_, _, alg), members in groups.items():
+        relevant = [{k: v for k, v in r.overrides.items() if _relevant(k, alg, ignored)}
+                    for r in members]
+        keys = sorted({k for ov in relevant for k in ov})
+        varying = [k for k in keys if len({ov.get(k) for ov in relevant}) > 1]
+        for run, ov in zip(members, relevant):
+            run.variant = tuple(f"{k}={ov.get(k, 'default')}" for k in varying)
 
 
 def _check_summary(summary: Any) -> str | None:
@@ -161,7 +196,7 @@ def _read_curve(path: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
     return rows, None
 
 
-def load_run(run_dir: Path, extra_ignored: tuple[str, ...] = ()) -> Run | Skipped:
+def load_run(run_dir: Path) -> Run | Skipped:
     """Load and validate one run directory."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -183,7 +218,7 @@ def load_run(run_dir: Path, extra_ignored: tuple[str, ...] = ()) -> Run | Skippe
     # NaN metrics are kept as NaN; the statistics ignore them per cell and report n accordingly.
     summary = {k: (math.nan if v is None and k not in ("task", "alg", "model") else v)
                for k, v in summary.items()}
-    return Run(run_dir, summary, curve, _variant(run_dir, extra_ignored))
+    return Run(run_dir, summary, curve, read_overrides(run_dir))
 
 
 def collect(roots: list[Path], extra_ignored: tuple[str, ...] = ()) -> Collection:
@@ -193,10 +228,11 @@ def collect(roots: list[Path], extra_ignored: tuple[str, ...] = ()) -> Collectio
         if not root.exists():
             result.skipped.append(Skipped(root, "path does not exist"))
     for run_dir in find_run_dirs([r for r in roots if r.exists()]):
-        loaded = load_run(run_dir, extra_ignored)
+        loaded = load_run(run_dir)
         if isinstance(loaded, Run):
             result.runs.append(loaded)
         else:
             log.warning("skipping %s: %s", loaded.path, loaded.reason)
             result.skipped.append(loaded)
+    assign_variants(result.runs, extra_ignored)
     return result

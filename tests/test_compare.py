@@ -8,6 +8,7 @@ summaries it wrote.
 from __future__ import annotations
 
 import csv
+import os
 import json
 import statistics
 import subprocess
@@ -197,3 +198,76 @@ def test_nothing_usable_exits_nonzero(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "no usable run" in proc.stderr
     assert "missing summary.json" in (out / "comparison.md").read_text()
+
+
+def test_variants_only_from_relevant_varying_overrides(tmp_path: Path) -> None:
+    """A joint `+alg=lora,grace grace.init_radius=50,75 max_n_edits=8` sweep: MELO is one row
+    (grace.* does not touch it), GRACE one row per radius, and the shared max_n_edits is no label."""
+    for radius in (50, 75):
+        for seed in (0, 1):
+            shared = [f"grace.init_radius={radius}", "max_n_edits=8"]
+            make_run(tmp_path / f"m{radius}{seed}", alg="melo", seed=seed, overrides=shared)
+            make_run(tmp_path / f"g{radius}{seed}", alg="grace", seed=seed, overrides=shared)
+    # The two MELO runs per seed are duplicates of one config: one counted, one reported.
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path), "--out", str(out), "--no-plots"]) == 0
+    methods = {key[1] for key in read_csv(out / "comparison.csv")}
+    assert methods == {"melo", "grace (grace.init_radius=50)", "grace (grace.init_radius=75)"}
+    assert (out / "comparison.md").read_text().count("duplicate seed") == 2
+
+
+# -- on real tiny runs --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real multirun on the shipped sample: MELO and GRACE x seeds 0, 1 on tiny-t5small."""
+    sweep_dir = tmp_path_factory.mktemp("real") / "sweep"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("BTP_TEST_KILL_AT", None)
+    cmd = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", "+alg=lora,grace",
+           "+experiment=qa", "+model=tiny-t5small", "seed=0,1", "max_n_edits=20",
+           "metric_period=10", "data.n_upstream=20"]
+    proc = subprocess.run(cmd, cwd=ROOT / "btp", env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+@pytest.mark.slow
+def test_real_runs_table_matches_summaries(real_sweep: Path, tmp_path: Path) -> None:
+    import shutil
+
+    # A second root with broken copies: an unfinished run and a run with a corrupt curve.
+    extra = tmp_path / "extra"
+    runs = sorted(p.parent for p in real_sweep.glob("*/summary.json"))
+    assert len(runs) == 4
+    shutil.copytree(runs[0], extra / "unfinished")
+    (extra / "unfinished" / "summary.json").unlink()
+    shutil.copytree(runs[1], extra / "corrupt")
+    with (extra / "corrupt" / "metrics.jsonl").open("a") as handle:
+        handle.write("{truncated\n")
+    out = tmp_path / "out"
+    assert compare.main([str(real_sweep), str(extra), "--out", str(out)]) == 0
+
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    rows = read_csv(out / "comparison.csv")
+    md = (out / "comparison.md").read_text()
+    for alg in ("melo", "grace"):
+        mine = [s for s in summaries if s["alg"] == alg]
+        assert sorted(s["seed"] for s in mine) == [0, 1]
+        row_line = next(line for line in md.splitlines() if line.startswith(f"| {alg} |"))
+        for metric in ("TRR", "ERR", "ES", "holdout", "locality", "edit_time_s"):
+            values = [s[metric] for s in mine]
+            row = rows[("qa", alg, metric)]
+            assert row["n"] == "2" and row["seeds"] == "0 1"
+            assert float(row["mean"]) == pytest.approx(statistics.fmean(values), abs=1e-6)
+            assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-6)
+            mean, std = statistics.fmean(values), statistics.stdev(values)
+            fmt = (lambda v: f"{v:.1f}" if abs(v) >= 100 else f"{v:.3f}")
+            assert f"{fmt(mean)} ± {fmt(std)} (n=2)" in row_line, (metric, row_line)
+    skipped = md.split("## Skipped runs", 1)[1]
+    assert "unfinished` | missing summary.json" in skipped
+    assert "corrupt` | metrics.jsonl: corrupt line" in skipped
+    for name in ("qa_tiny-t5small_metrics.png", "qa_tiny-t5small_database.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
