@@ -40,6 +40,12 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def cfg_str(cfg: Any, key: str, default: str) -> str:
+    """A string setting; str Enums (the schema's choices) give their value, not ``Cls.member``."""
+    value = cfg_get(cfg, key, default)
+    return str(getattr(value, "value", value))
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameterless module)."""
     for p in model.parameters():

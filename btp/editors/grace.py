@@ -2,8 +2,8 @@
 
 Implemented from the paper's description (no code taken from the original).
 
-The wrapped layer (``grace.layer``, else GRACE's own layer for the model, else the model's
-``grace_layer``) keeps its weights. A codebook of entries sits beside it; each entry holds
+The wrapped layer (``grace.layer``, else ``model.grace_baseline_layer``, else GRACE's own layer
+for the model type, else ``model.grace_layer``; see :func:`default_grace_layer`) keeps its weights. A codebook of entries sits beside it; each entry holds
 
 * a key: the layer's *input* at the key token of an edited example,
 * a value: a trainable vector that replaces the layer's *output*,
@@ -66,6 +66,7 @@ from torch import nn
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (
     cfg_get,
+    cfg_str,
     get_module,
     layer_dims,
     model_device,
@@ -335,10 +336,11 @@ def _last_true(mask: torch.Tensor) -> torch.Tensor:
 
 
 def default_grace_layer(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> str:
-    """The layer GRACE wraps: ``grace.layer``, else GRACE's own layer, else ``model.grace_layer``."""
-    explicit = cfg_get(alg_cfg, "layer")
-    if explicit:
-        return str(explicit)
+    """The layer GRACE wraps, first set of: ``grace.layer``, ``model.grace_baseline_layer``,
+    GRACE's own layer for the model type (when the model has it), ``model.grace_layer``."""
+    for name in (cfg_get(alg_cfg, "layer"), cfg_get(model_cfg, "grace_baseline_layer")):
+        if name:
+            return str(name)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     own = GRACE_OWN_LAYER.get(model_type)
     if own is not None:
@@ -349,7 +351,7 @@ def default_grace_layer(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> str:
             pass  # a smaller stand-in: fall back to the model's grace_layer
     name = cfg_get(model_cfg, "grace_layer")
     if not name:
-        raise ConfigError("GRACE needs a layer: set grace.layer or model.grace_layer")
+        raise ConfigError("GRACE needs a layer: set grace.layer or model.grace_baseline_layer")
     return str(name)
 
 
@@ -376,10 +378,10 @@ class GraceEditor(Editor):
         self.codebook = GraceCodebook(
             layer,
             init_radius=float(cfg_get(alg_cfg, "init_radius", 1.0)),
-            replacement=str(cfg_get(alg_cfg, "replacement", "replace_last")),
-            key_position=str(cfg_get(alg_cfg, "key_position", "padded")),
+            replacement=cfg_str(alg_cfg, "replacement", "replace_last"),
+            key_position=cfg_str(alg_cfg, "key_position", "padded"),
             key_id=int(cfg_get(alg_cfg, "key_id", -1)),
-            label_match=str(cfg_get(alg_cfg, "label_match", "exact")),
+            label_match=cfg_str(alg_cfg, "label_match", "exact"),
         )
         self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1.0))
         self.num_iter = int(cfg_get(alg_cfg, "num_iter", 100))
