@@ -6,7 +6,13 @@ job's directory after its overrides, so re-submitting the same command with the 
 ``hydra.sweep.dir`` reaches the same run directories. What a job then does there:
 
 * ``summary.json`` present (:func:`finished`): the run completed; skip it and return that summary
-  (:func:`finished_summary`), so that a re-submitted sweep only redoes what is missing.
+  (:func:`finished_summary`), so that a re-submitted sweep only redoes what is missing. The
+  runner calls it first thing in ``btp.runner.run``::
+
+      done = sweep.finished_summary(run_dir, {"task": task, "alg": cfg.alg.name,
+                                               "model": cfg.model.name, "seed": cfg.seed})
+      if done is not None:
+          return done
 * a checkpoint but no summary: the runner resumes from the checkpoint (``btp/checkpoint.py``).
 * neither: a fresh run.
 
@@ -20,7 +26,9 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from btp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +36,20 @@ SUMMARY_FILE = "summary.json"
 _TIME_DIR = re.compile(r"\d{2}-\d{2}-\d{2}")  # Hydra's default ${now:%H-%M-%S} leaf
 
 
-def finished_summary(run_dir: str | Path) -> dict[str, Any] | None:
+#: Summary keys that identify a run; a finished run with other values is a different run.
+IDENTITY_KEYS: tuple[str, ...] = ("task", "alg", "model", "seed")
+
+
+def finished_summary(run_dir: str | Path, expected: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any] | None:
     """The summary of a completed run in ``run_dir``, or None when the run must (re)start.
+
+    Args:
+        run_dir: the job's run directory.
+        expected: the identity of the run about to start (``task``, ``alg``, ``model``, ``seed``,
+            as in summary.json). A finished run in ``run_dir`` that differs is not silently taken
+            for this one (which a sweep directory reused for another sweep command would do):
+            that raises ``ConfigError``.
 
     A summary that is not a readable JSON object counts as unfinished: the run is redone rather
     than trusted (the runner writes it atomically, so this only happens if it was damaged later).
@@ -42,7 +62,19 @@ def finished_summary(run_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         log.warning("%s is unreadable (%s); the run will be redone", path, exc)
         return None
-    return summary if isinstance(summary, dict) else None
+    if not isinstance(summary, dict):
+        log.warning("%s is not a JSON object; the run will be redone", path)
+        return None
+    if expected is not None:
+        differ = {k: (summary.get(k), expected[k]) for k in IDENTITY_KEYS
+                  if k in expected and str(summary.get(k)) != str(expected[k])}
+        if differ:
+            detail = ", ".join(f"{k}: finished {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ConfigError(
+                f"{run_dir} already holds a finished run of another configuration ({detail}); "
+                "use a new hydra.sweep.dir for a different sweep command")
+    log.info("%s: finished run found (summary.json); skipping it", run_dir)
+    return summary
 
 
 def finished(run_dir: str | Path) -> bool:

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _compare_runs import CURVE_METRICS, DB_STATS, Run  # noqa: E402
@@ -76,6 +77,7 @@ def _figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[str, ..
         direction = {True: " ↑", False: " ↓", None: ""}[higher_is_better(task, metric)]
         ax.set_title(metric + direction)
         ax.set_xlabel("edits")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # edits are counts
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)

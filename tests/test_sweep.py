@@ -20,6 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from btp import sweep
+from btp.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
@@ -90,6 +91,11 @@ def test_finished_and_sweep_name(tmp_path: Path) -> None:
     (tmp_path / "summary.json").write_text(json.dumps({"ES": 1.0}))
     assert sweep.finished(tmp_path)
     assert sweep.finished_summary(tmp_path) == {"ES": 1.0}
+    ident = {"task": "qa", "alg": "melo", "model": "tiny-t5small", "seed": 0}
+    (tmp_path / "summary.json").write_text(json.dumps({**ident, "ES": 1.0}))
+    assert sweep.finished_summary(tmp_path, ident)["ES"] == 1.0
+    with pytest.raises(ConfigError, match="another configuration.*seed: finished 0, now 1"):
+        sweep.finished_summary(tmp_path, {**ident, "seed": 1})
     assert sweep.sweep_name("/x/multirun/qa_radius") == "qa_radius"
     assert sweep.sweep_name("/x/multirun/2024-05-01/12-30-00") == "2024-05-01_12-30-00"
 
