@@ -1,0 +1,49 @@
+"""Command-line entry: ``cd btp && python run.py +alg=lora +experiment=qa +model=t5small``.
+
+A thin Hydra 1.3 entry: Hydra composes ``config/config.yaml`` on the structured schema
+(``btp/schema.py``; unknown keys fail at compose time), changes nothing else, and calls
+``btp.runner.run(cfg)``, which writes everything into Hydra's run directory. Errors the user can
+fix (``btp.errors.UserError``) become one line on stderr and exit code 2; the full traceback goes
+to the log file only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # ``python run.py`` from btp/ (the seed's command form): make the repo root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import btp.schema  # noqa: E402,F401  (registers the schema and the repo_path resolver)
+from btp.errors import UserError  # noqa: E402
+
+log = logging.getLogger("btp.run")
+
+
+@hydra.main(version_base="1.3", config_path="../config", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    """Compose, run, return the final metrics (Hydra's return value for sweeps)."""
+    from btp import runner
+
+    try:
+        runner.check_override_order(list(HydraConfig.get().overrides.task), cfg)
+        return runner.run(cfg)
+    except UserError as e:
+        log.debug("user error", exc_info=True)
+        log.error("%s", e)
+        # One line on stderr: Hydra's console handler may not be attached (job_logging off).
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        logging.shutdown()
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""``run(cfg)``: one sequential-editing run from a composed config to ``summary.json``.
+
+Order of work (cheap checks first, so that bad input fails before a model is loaded):
+validate the config -> seed -> read any checkpoint of this run dir (refuse a changed config) ->
+load data -> load model and tokenizer -> build the editor and let it check the stream -> restore
+the checkpoint or evaluate the unedited model -> the editing loop -> ``adapter/`` and
+``summary.json``. Errors the user can fix are ``btp.errors.UserError``; ``run.py`` turns them into
+one line on stderr and exit code 2, and no ``summary.json`` exists after a failed run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from btp import checkpoint as ckpt
+from btp.errors import ConfigError, UserError
+from btp.evaluation import batched, lazy_batches, make_evaluator
+from btp.loop import EditingLoop, EvalSets, LoopState
+from btp.metrics import pack, unpack
+from btp.outputs import SUMMARY_FILE, MetricsLog, write_summary
+from btp.schema import TASK_KIND, alg_section
+
+log = logging.getLogger(__name__)
+
+#: Keys of summary.json besides the task-specific extras.
+SUMMARY_KEYS = ("task", "alg", "model", "seed", "n_edits", "ES", "ERR", "TRR", "locality",
+                "clusters", "conflicts", "forgotten", "edit_time_s")
+
+
+def _value(x: Any) -> Any:
+    """A str-Enum config value as its plain string."""
+    return getattr(x, "value", x)
+
+
+def plain(node: DictConfig) -> DictConfig:
+    """A read-only copy of a config section with enum values as plain strings.
+
+    The editors and the model loader compare values with strings and use them as dict keys; a
+    struct copy still refuses unknown keys.
+    """
+    copy = OmegaConf.create(OmegaConf.to_container(node, resolve=True, enum_to_str=True))
+    OmegaConf.set_struct(copy, True)
+    OmegaConf.set_readonly(copy, True)
+    return copy
+
+
+def check_override_order(overrides: Sequence[str], cfg: DictConfig) -> None:
+    """Refuse ``+model=tiny-*`` placed before ``+experiment=...`` on the command line.
+
+    A tiny model file sets demo hyperparameters (package ``_global_``); Hydra merges command-line
+    groups in the order given, so an experiment listed after it would silently put the
+    original's values back.
+    """
+    def index(group: str) -> int | None:
+        for i, o in enumerate(overrides):
+            key = o.split("=", 1)[0].lstrip("+~")
+            if key == group:
+                return i
+        return None
+
+    i_model, i_exp = index("model"), index("experiment")
+    if cfg.model.get("tiny") is not None and i_model is not None and i_exp is not None \
+            and i_model < i_exp:
+        raise ConfigError(
+            f"'{overrides[i_model]}' must come after '{overrides[i_exp]}' on the command line "
+            "(a tiny model sets demo hyperparameters that the experiment would otherwise reset)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no data or model; each failure says which override to add."""
+    from btp.editors import EDITORS
+
+    if OmegaConf.is_missing(cfg, "task"):
+        raise ConfigError("no experiment selected; add +experiment=qa, scotus or hallucination")
+    if OmegaConf.is_missing(cfg.alg, "name"):
+        raise ConfigError("no algorithm selected; add +alg=lora (MELO), grace, ft, ft_ewc or "
+                          "plain_lora")
+    if OmegaConf.is_missing(cfg.model, "name"):
+        raise ConfigError("no model selected; add +model=t5small (or tiny-t5small offline), ...")
+    for key in ("kind", "target_modules", "grace_layer"):
+        if OmegaConf.is_missing(cfg.model, key):
+            raise ConfigError(f"model '{cfg.model.name}' does not set model.{key}")
+    if cfg.alg.name not in EDITORS:
+        raise ConfigError(f"unknown alg.name '{cfg.alg.name}'; registered: {sorted(EDITORS)}")
+    task, kind = _value(cfg.task), _value(cfg.model.kind)
+    want = _value(TASK_KIND[cfg.task])
+    if kind != want:
+        raise ConfigError(f"task '{task}' needs a {want} model but model '{cfg.model.name}' is "
+                          f"{kind}; pick a matching +model")
+    if cfg.num_edit_per_block < 1 or cfg.metric_period < 1:
+        raise ConfigError("num_edit_per_block and metric_period must be >= 1")
+    if cfg.max_n_edits is not None and cfg.max_n_edits < 1:
+        raise ConfigError("max_n_edits must be >= 1 (or null for the whole stream)")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available; use device=auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices), as the original does with seed 0."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_summary(cfg: DictConfig, state: LoopState) -> dict[str, Any]:
+    """Final values: the last evaluation record, with run identity and the pre-edit record."""
+    final = state.records[-1]
+    summary: dict[str, Any] = {
+        "task": _value(cfg.task), "alg": cfg.alg.name, "model": cfg.model.name,
+        "seed": cfg.seed, "n_edits": state.n_edits}
+    for key in SUMMARY_KEYS[5:]:
+        summary[key] = final.get(key)
+    for key, value in final.items():  # holdout, ARR, *_em extras
+        if key not in summary and key not in ("batches",):
+            summary[key] = value
+    summary["edit_time_s"] = state.edit_time_s
+    summary["n_batches"] = state.batches_done
+    summary["pre_edit"] = {k: v for k, v in state.records[0].items() if k != "n_edits"}
+    return summary
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = True
+        ) -> dict[str, Any]:
+    """Run the configured sequential-editing experiment; returns the summary dict.
+
+    Args:
+        cfg: the composed config (``btp.schema.Config``).
+        run_dir: where outputs go; default Hydra's run directory.
+        progress: show the tqdm bar.
+    """
+    from btp.data import Collator, load_task_data
+    from btp.editors import EDITORS
+    from btp.models import load_model_and_tokenizer
+
+    start = time.time()
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
+
+    validate(cfg)
+    task = _value(cfg.task)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    log.info("run dir %s; task %s, alg %s, model %s, device %s", run_dir, task, cfg.alg.name,
+             cfg.model.name, device)
+
+    ckpt_dir = run_dir / "checkpoint"
+    saved = ckpt.load(ckpt_dir) if cfg.checkpoint.enabled else None
+    if saved is not None:
+        ckpt.check_same_config(saved[1]["config"], config, ckpt_dir)
+
+    data = load_task_data(task, plain(cfg.data), Path(cfg.data_dir), cfg.max_n_edits)
+    model_cfg = plain(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(model_cfg, device, seed=cfg.seed)
+    collate = Collator(tokenizer, task, cfg.data.max_length, cfg.data.label_max_length)
+    eval_bs = cfg.eval.batch_size or cfg.num_edit_per_block
+    stream = batched(data.edits, cfg.num_edit_per_block)
+    sets = EvalSets(upstream=batched(data.upstream, eval_bs),
+                    holdout=batched(data.holdout, eval_bs) if data.holdout is not None else None,
+                    accurate=batched(data.accurate, eval_bs) if data.accurate is not None else None)
+
+    editor = EDITORS[cfg.alg.name](model, plain(alg_section(cfg)), model_cfg,
+                                   lambda: lazy_batches(sets.upstream, collate))
+    editor.check_stream(len(stream))
+    evaluator = make_evaluator(task, tokenizer, device, cfg.eval.max_length)
+
+    state = LoopState()
+    wandb_id = None
+    if saved is not None:
+        tensors, js = saved
+        if js.get("n_batches") != len(stream):
+            raise ConfigError(f"the checkpoint in {ckpt_dir} covers a stream of "
+                              f"{js.get('n_batches')} batches, the data now gives {len(stream)}; "
+                              "use the same data or another hydra.run.dir")
+        editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items()
+                                if k.startswith("editor.")})
+        state = LoopState.from_json(js, unpack(tensors["refs.flat"], tensors["refs.offsets"]))
+        ckpt.set_rng_state(js["rng"], tensors)
+        wandb_id = js.get("wandb_id")
+        log.info("resuming from %s: %d of %d batches done", ckpt_dir, state.batches_done,
+                 len(stream))
+
+    metrics_log = MetricsLog(run_dir, cfg.wandb, config,
+                             f"{task}-{cfg.alg.name}-{cfg.model.name}", wandb_id)
+    metrics_log.reset(state.records)
+
+    def save_checkpoint(st: LoopState) -> None:
+        if not cfg.checkpoint.enabled:
+            return
+        tensors = {f"editor.{k}": v for k, v in editor.state_dict().items()}
+        tensors["refs.flat"], tensors["refs.offsets"] = pack(st.refs or [])
+        rng_js, rng_tensors = ckpt.rng_state()
+        tensors.update(rng_tensors)
+        ckpt.save(ckpt_dir, tensors, {**st.to_json(), "rng": rng_js, "config": config,
+                                      "n_batches": len(stream), "wandb_id": metrics_log.wandb_id})
+
+    loop = EditingLoop(editor, evaluator, collate, stream, sets, cfg.metric_period, metrics_log,
+                       save_checkpoint, progress=progress)
+    summary = None
+    try:
+        state = loop.run(state)
+        editor.save_pretrained(run_dir / "adapter")
+        summary = build_summary(cfg, state)
+        write_summary(run_dir, summary)
+    finally:
+        metrics_log.finish(summary)
+    log.info("summary: %s", summary)
+    log.info("done in %.1f s (edit time %.1f s)", time.time() - start, state.edit_time_s)
+    return summary
+
+
+__all__ = ["run", "validate", "check_override_order", "pick_device", "UserError"]

@@ -1,0 +1,280 @@
+"""The structured configuration: every key a run reads, with its type and default.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``schema`` and are the first entry
+of ``config/config.yaml``'s defaults list. Every YAML file and command-line override is merged
+onto them, so a key that is not declared here (a typo such as ``melo.num_iters=3`` or
+``+melo.num_iters=3``) or a value of the wrong type fails when Hydra composes the config, before
+any model or data is touched.
+
+Defaults of the algorithm sections are the original MELO values for the qa experiment; the
+``experiment/*.yaml`` files change only what differs per task ("experiments as deltas").
+
+Which algorithm reads which section (see :func:`alg_section`):
+``melo`` -> ``melo``; ``grace`` -> ``grace``; ``ft`` -> ``ft``; ``ft_ewc`` -> ``ft`` merged with
+``ewc``; ``plain_lora`` -> ``plain_lora``. A null ``batch_size`` in a baseline section means
+``num_edit_per_block``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+#: The repository root (the folder holding ``btp/`` and ``config/``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _repo_path(relative: str = "") -> str:
+    """``${repo_path:data}`` -> the absolute path of ``data`` in this repository.
+
+    Resolved absolutely so that ``cd btp && python run.py`` and Hydra's change of working
+    directory do not move the data folder.
+    """
+    return str((REPO_ROOT / relative).resolve())
+
+
+if not OmegaConf.has_resolver("repo_path"):
+    OmegaConf.register_new_resolver("repo_path", _repo_path)
+
+
+class Task(str, Enum):
+    """The three sequential-editing tasks of MELO."""
+
+    qa = "qa"
+    scotus = "scotus"
+    hallucination = "hallucination"
+
+
+class ModelKind(str, Enum):
+    """How the model is called: generation (T5), classification (BERT), causal LM (GPT-2)."""
+
+    seq2seq = "seq2seq"
+    classification = "classification"
+    causal_lm = "causal_lm"
+
+
+#: The model kind each task needs (checked before loading anything).
+TASK_KIND = {Task.qa: ModelKind.seq2seq, Task.scotus: ModelKind.classification,
+             Task.hallucination: ModelKind.causal_lm}
+
+
+class KeyPosition(str, Enum):
+    """Which token's activation is the key: the original's last padded position, or a switch."""
+
+    padded = "padded"
+    last_real = "last_real"
+
+
+class LabelMatch(str, Enum):
+    """Original label equality (sum of label ids, a hash with collisions) or exact comparison."""
+
+    sum = "sum"
+    exact = "exact"
+
+
+class Optim(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class WandbMode(str, Enum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+@dataclass
+class AlgCfg:
+    """Selected by ``+alg=...``: the registered editor name (``btp.editors.EDITORS``)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class DataCfg:
+    """Passed to ``btp.data.load_task_data`` as ``data_cfg`` (meanings in ``btp/data/__init__.py``).
+
+    File names are relative to ``data_dir`` unless absolute; null means the loader's default.
+    ``max_length``/``label_max_length`` go to the ``Collator`` (tokenization lengths).
+    """
+
+    # qa (zsRE + NQ)
+    zsre_format: str = "mend"  # mend (MELO's JSON-lines) | rome (JSON array)
+    zsre_file: Optional[str] = None
+    zsre_holdout_swap_bug: bool = False
+    edit_permutation_seed: int = 42
+    nq_file: Optional[str] = None
+    # scotus
+    scotus_source: Optional[str] = None  # auto | hub | csv | lexglue
+    scotus_hub_id: Optional[str] = None
+    scotus_lexglue_file: Optional[str] = None
+    # hallucination
+    hallucination_source: Optional[str] = None  # auto | hub | json
+    hallucination_hub_id: Optional[str] = None
+    hallucination_file: Optional[str] = None
+    concepts_file: Optional[str] = None
+    sentence_splitter: Optional[str] = None  # auto | nltk | regex
+    upstream_source: Optional[str] = None  # auto | hub | jsonl | txt
+    upstream_hub_id: Optional[str] = None
+    openwebtext_dir: Optional[str] = None
+    # every task
+    n_upstream: Optional[int] = 1000
+    max_length: Optional[int] = None  # null = the original's per kind: 20 / 512 / 1024
+    label_max_length: Optional[int] = None  # seq2seq labels; null = max_length
+
+
+@dataclass
+class EvalCfg:
+    """Evaluation settings."""
+
+    max_length: int = 20  # greedy generation length (qa), as the original
+    batch_size: Optional[int] = None  # upstream/holdout/accurate batches; null = num_edit_per_block
+
+
+@dataclass
+class MeloCfg:
+    """MELO hyperparameters (-> ``peft_melo.MeloConfig``); defaults = the original qa values."""
+
+    num_block: int = 20
+    num_rank_per_block: int = 2
+    init_radius: float = 75.0
+    key_id: int = -1
+    key_position: KeyPosition = KeyPosition.padded
+    label_match: LabelMatch = LabelMatch.sum
+    lora_dropout: float = 0.0
+    num_iter: int = 50
+    edit_lr: float = 1e-2
+    optimizer: Optim = Optim.adam
+    lr_step_size: int = 20
+    lr_gamma: float = 0.5
+
+
+@dataclass
+class GraceCfg:
+    """GRACE baseline (codebook at ``model.grace_baseline_layer`` unless ``layer`` is set)."""
+
+    layer: Optional[str] = None
+    init_radius: float = 1.0
+    edit_lr: float = 1.0
+    num_iter: int = 100
+    replacement: str = "replace_last"
+    batch_size: int = 1
+    label_match: LabelMatch = LabelMatch.exact
+
+
+@dataclass
+class FtCfg:
+    """Plain fine-tuning baseline (also the base of ``ft_ewc``)."""
+
+    num_iter: int = 50
+    edit_lr: float = 1e-4
+    optimizer: Optim = Optim.adam
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class EwcCfg:
+    """EWC penalty for ``ft_ewc`` (merged onto ``ft``)."""
+
+    lambda_: float = 100.0
+    fisher_n_batches: int = 8
+
+
+@dataclass
+class PlainLoraCfg:
+    """Plain LoRA baseline (one adapter for all edits; null r/alpha = MELO's r = blocks x ranks)."""
+
+    r: Optional[int] = None
+    alpha: Optional[float] = None
+    num_iter: int = 50
+    edit_lr: float = 1e-2
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class ModelCfg:
+    """Selected by ``+model=...``; read by ``btp.models.load_model_and_tokenizer``."""
+
+    name: str = MISSING
+    kind: ModelKind = MISSING
+    pretrained: Optional[str] = None  # hub id or local path (the real checkpoint)
+    tokenizer: Optional[str] = None  # hub id or local path; null = pretrained / offline tokenizer
+    num_labels: Optional[int] = None  # classification only
+    tiny: Optional[Dict[str, Any]] = None  # not null: build a small random model (offline)
+    target_modules: List[str] = MISSING
+    grace_layer: str = MISSING  # MELO's key layer
+    grace_baseline_layer: Optional[str] = None  # GRACE baseline's edited layer
+
+
+@dataclass
+class WandbCfg:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "mesgd"
+    group: Optional[str] = None
+    entity: Optional[str] = None
+
+
+@dataclass
+class CheckpointCfg:
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run configuration (see config/config.yaml and README)."""
+
+    task: Task = MISSING
+    alg: AlgCfg = field(default_factory=AlgCfg)
+    data_dir: str = "${repo_path:data}"
+    max_n_edits: Optional[int] = None  # null = the task's whole stream
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_edit_per_block: int = 100
+    metric_period: int = 200
+    data: DataCfg = field(default_factory=DataCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    melo: MeloCfg = field(default_factory=MeloCfg)
+    grace: GraceCfg = field(default_factory=GraceCfg)
+    ft: FtCfg = field(default_factory=FtCfg)
+    ewc: EwcCfg = field(default_factory=EwcCfg)
+    plain_lora: PlainLoraCfg = field(default_factory=PlainLoraCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    wandb: WandbCfg = field(default_factory=WandbCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+
+
+def register() -> None:
+    """Store the schema as ``schema`` (idempotent; called on import)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+register()
+
+
+#: Which config section(s) each algorithm reads.
+ALG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "melo": ("melo",),
+    "grace": ("grace",),
+    "ft": ("ft",),
+    "ft_ewc": ("ft", "ewc"),
+    "plain_lora": ("plain_lora",),
+}
+
+
+def alg_section(cfg: DictConfig) -> DictConfig:
+    """The config section the selected algorithm reads (``ft_ewc``: ``ft`` merged with ``ewc``).
+
+    Unknown names fall back to the section of the same name when there is one, so that a newly
+    registered editor works without editing this table.
+    """
+    name = cfg.alg.name
+    sections = ALG_SECTIONS.get(name, (name,) if name in cfg else ())
+    if not sections:
+        return OmegaConf.create({})
+    merged = OmegaConf.merge(*[cfg[s] for s in sections])
+    return merged
