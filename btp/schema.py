@@ -262,7 +262,9 @@ ALG_SECTIONS: dict[str, tuple[str, ...]] = {
     "grace": ("grace",),
     "ft": ("ft",),
     "ft_ewc": ("ft", "ewc"),
-    "plain_lora": ("plain_lora",),
+    # MELO's section first: its num_block * num_rank_per_block is plain LoRA's default rank;
+    # plain_lora's own keys (num_iter, edit_lr, ...) override MELO's in the merge.
+    "plain_lora": ("melo", "plain_lora"),
 }
 
 
@@ -276,5 +278,8 @@ def alg_section(cfg: DictConfig) -> DictConfig:
     sections = ALG_SECTIONS.get(name, (name,) if name in cfg else ())
     if not sections:
         return OmegaConf.create({})
-    merged = OmegaConf.merge(*[cfg[s] for s in sections])
+    # Merge plain containers: OmegaConf refuses to merge two different structured types
+    # (e.g. EwcCfg onto FtCfg).
+    merged = OmegaConf.merge(*[OmegaConf.to_container(cfg[s], resolve=True, enum_to_str=True)
+                               for s in sections])
     return merged
