@@ -268,3 +268,18 @@ def test_gpt2_causal_edit(replacement) -> None:
     assert ed.codebook.ctx is None and ed.codebook.mode == "infer"
     other = causal_batch(n=2, seed=11)
     assert torch.equal(ed.forward(**other).logits, _base_logits(model, ed, other))
+
+
+def test_gpt2_generation_same_with_and_without_cache() -> None:
+    model, mcfg = tiny_gpt2()
+    b = causal_batch(n=1, seed=4)
+    ed = GraceEditor(model, _cfg(num_iter=10, replacement="replace_prompt", init_radius=0.01), mcfg)
+    ed.edit({k: v[:, :5] for k, v in b.items()})  # edit on the prompt-ish prefix
+    prompt = {"input_ids": b["input_ids"][:, :5], "attention_mask": b["attention_mask"][:, :5]}
+    assert ed.forward(**prompt).logits is not None
+    cached = ed.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    uncached = ed.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                           use_cache=False)
+    assert torch.equal(cached, uncached)
+    # the edit is in effect during generation: the first new token follows the edited logits
+    assert cached[0, 5].item() == ed.forward(**prompt).logits[0, -1].argmax().item()

@@ -44,7 +44,8 @@ pads and, for causal LMs with labels, minus the label tokens):
   first label token when labels are passed (teacher-forced training and perplexity), else the
   last real token; ``replace_prompt``: every real position whose label is -100 (all real
   positions without labels). In ``generate`` only the prompt forward decides and replaces; the
-  cached one-token decoding steps are left untouched.
+  cached one-token decoding steps are left untouched (without a KV cache, each full re-forward
+  gets the prompt forward's replacement again at the same prompt positions: same result).
 
 Replacing at the key token itself would be a no-op for GPT-2 training (the last position of
 "prompt label<eos>" predicts nothing) and for T5/BERT whenever the padded key position is a pad
@@ -103,14 +104,16 @@ class ForwardContext:
     attention_mask: [n, L] (1 = real token) or None.
     prompt_mask: [n, L] bool, the positions that count as prompt (real and, for causal LMs with
         labels, not a label token) or None (= every position).
-    generating: True inside ``generate``: only the first (prompt) forward decides and replaces.
+    generating: True inside ``generate``: only the first (prompt) forward decides.
     calls: forwards of the wrapped layer seen so far under this context.
+    decision: the prompt forward's replace mask and values, re-applied by uncached steps.
     """
 
     attention_mask: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     generating: bool = False
     calls: int = 0
+    decision: tuple[torch.Tensor, torch.Tensor] | None = None  # (replace mask, values)
 
 
 def label_rows(labels: torch.Tensor) -> list[torch.Tensor]:
@@ -292,13 +295,13 @@ class GraceCodebook(nn.Module):
 
     def apply_codebook(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The layer's output ``out`` for input ``x`` after the codebook's decision."""
-        if self.ctx is not None and self.ctx.generating:
-            self.ctx.calls += 1
-            if self.ctx.calls > 1:  # a cached decoding step: only the prompt forward decides
-                return out
         flat = x.dim() == 2  # a [n, d] input (no sequence axis) counts as length 1
         xs, os_ = (x[:, None], out[:, None]) if flat else (x, out)
         n, length = xs.shape[0], xs.shape[1]
+        if self.ctx is not None and self.ctx.generating:
+            self.ctx.calls += 1
+            if self.ctx.calls > 1:  # a later step: only the prompt forward decides
+                return self._reapply(os_, flat)
         if self.mode == "capture":
             kpos = self._key_index(n, length, xs.device)
             rows = torch.arange(n, device=xs.device)
@@ -323,7 +326,27 @@ class GraceCodebook(nn.Module):
         if not bool(hit.any()):
             return out
         rmask = self._replace_mask(n, length, xs.device) & hit[:, None]
-        res = torch.where(rmask[..., None], self.values[idx].to(os_.dtype)[:, None, :], os_)
+        vals = self.values[idx].to(os_.dtype)
+        if self.ctx is not None and self.ctx.generating:
+            self.ctx.decision = (rmask, vals)
+        res = torch.where(rmask[..., None], vals[:, None, :], os_)
+        return res[:, 0] if flat else res
+
+    def _reapply(self, os_: torch.Tensor, flat: bool) -> torch.Tensor:
+        """A generation step after the prompt forward.
+
+        With a KV cache (the step sees fewer positions than the prompt) the prompt's outputs
+        are already cached and new tokens are left untouched. Without a cache (the whole
+        sequence again) the prompt forward's decision is re-applied at the same positions, so
+        both ways give the same result.
+        """
+        decision = self.ctx.decision if self.ctx is not None else None
+        if decision is None or os_.shape[1] < decision[0].shape[1]:
+            return os_[:, 0] if flat else os_
+        rmask, vals = decision
+        pad = os_.shape[1] - rmask.shape[1]
+        rmask = torch.cat([rmask, rmask.new_zeros(rmask.shape[0], pad)], 1)
+        res = torch.where(rmask[..., None], vals[:, None, :], os_)
         return res[:, 0] if flat else res
 
 
