@@ -53,7 +53,7 @@ def _slug(text: str) -> str:
 
 
 def _figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[str, ...], band: str,
-            title: str, path: Path) -> bool:
+            title: str, path: Path, colors: dict[str, str]) -> bool:
     """One subplot per metric, one line (+ band) per method; False when nothing to draw."""
     present = [m for m in metrics
                if any(seed_band(runs, m, band) is not None for runs in groups.values())]
@@ -62,14 +62,13 @@ def _figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[str, ..
     cols = min(3, len(present))
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes.flat, present):
-        for i, ((_, _, method), runs) in enumerate(groups.items()):
+        for (_, _, method), runs in groups.items():
             curve = seed_band(runs, metric, band)
             if curve is None:
                 continue
             xs, mean, low, high = curve
-            color = colors[i % len(colors)]
+            color = colors[method]
             ax.plot(xs, mean, marker="o", markersize=3, color=color,
                     label=f"{method} (n={len(runs)})")
             if len(runs) > 1:
@@ -81,8 +80,12 @@ def _figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[str, ..
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))),
+    legend: dict[str, object] = {}  # every method once, even one missing from the first panel
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center",
+               ncol=min(6, max(1, len(legend))),
                fontsize="small", frameon=False)
     band_text = "min/max" if band == "minmax" else "±1 std"
     fig.suptitle(f"{title} (band: {band_text} over seeds)")
@@ -101,11 +104,17 @@ def plot_all(groups: dict[GroupKey, list[Run]], out_dir: Path, band: str = "std"
         subset = {k: v for k, v in groups.items() if k[:2] == (task, model)}
         stem = f"{_slug(task)}_{_slug(model)}"
         names = []
+        # One color per method across both figures of this task.
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colors = {key[2]: cycle[i % len(cycle)] for i, key in enumerate(subset)}
         if _figure(subset, task, CURVE_METRICS, band, f"{task} / {model}: metrics vs edits",
-                   out_dir / f"{stem}_metrics.png"):
+                   out_dir / f"{stem}_metrics.png", colors):
             names.append(f"{stem}_metrics.png")
-        if _figure(subset, task, DB_STATS, band, f"{task} / {model}: vector database vs edits",
-                   out_dir / f"{stem}_database.png"):
+        # Methods without a database report zeros; leave them out so the lines that matter show.
+        with_db = {k: v for k, v in subset.items()
+                   if any(row.get(stat) for run in v for row in run.curve for stat in DB_STATS)}
+        if _figure(with_db, task, DB_STATS, band, f"{task} / {model}: vector database vs edits",
+                   out_dir / f"{stem}_database.png", colors):
             names.append(f"{stem}_database.png")
         written[(task, model)] = names
     return written
