@@ -165,6 +165,8 @@ class GraceCfg:
     replacement: str = "replace_last"
     batch_size: int = 1
     label_match: LabelMatch = LabelMatch.exact
+    key_id: int = -1  # key token position (as melo.key_id)
+    key_position: KeyPosition = KeyPosition.padded  # padded: key_id of the padded batch
 
 
 @dataclass
