@@ -27,7 +27,8 @@ TASKS = {  # task -> tiny model
 }
 SMALL = ["max_n_edits=4", "num_edit_per_block=2", "metric_period=2", "eval.batch_size=4",
          "melo.num_iter=3", "grace.num_iter=3", "ft.num_iter=3", "plain_lora.num_iter=3",
-         "ewc.fisher_n_batches=2", "data.n_upstream=8", "eval.max_length=8"]
+         "ewc.fisher_n_batches=2", "data.n_upstream=8", "eval.max_length=8",
+         "data.max_length=64"]
 BASELINES = ("grace", "ft", "ft_ewc", "plain_lora")
 METRIC_KEYS = ("ES", "ERR", "TRR", "locality")
 
