@@ -28,10 +28,9 @@ output bit for bit (``torch.where``).
 
 Config (section ``grace``): ``layer`` (null: see :func:`default_grace_layer`), ``init_radius``,
 ``edit_lr``, ``num_iter``, ``replacement`` (``replace_last`` | ``replace_prompt``),
-``batch_size`` (used by the runner), ``label_match`` (``exact`` | ``sum``), and optionally
-``key_position`` (``padded``: position ``key_id`` = -1 of the padded batch, as MELO, the default;
-``last_real``: the last non-pad token) and ``key_id`` (default -1). The last two are read with
-defaults so a config without them works.
+``batch_size`` (used by the runner), ``label_match`` (``exact`` | ``sum``: MELO's quirk),
+``key_id`` (default -1) and ``key_position`` (``padded``: position ``key_id`` of the padded batch,
+as MELO, the default; ``last_real``: the last non-pad token). Missing keys take these defaults.
 
 Replaced positions, per model kind (the "prompt" is what the wrapped layer sees as input, minus
 pads and, for causal LMs with labels, minus the label tokens):
