@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> dict:
     from btp import runner
 
     try:
+        btp.schema.check_known_keys(cfg)
         runner.check_override_order(list(HydraConfig.get().overrides.task), cfg)
         return runner.run(cfg)
     except UserError as e:

@@ -285,3 +285,26 @@ def alg_section(cfg: DictConfig) -> DictConfig:
     merged = OmegaConf.merge(*[OmegaConf.to_container(cfg[s], resolve=True, enum_to_str=True)
                                for s in sections])
     return merged
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not declare, including ones added with ``+key=value``.
+
+    Hydra lets ``+`` add a key even to a structured config, so a typo such as
+    ``+melo.num_iters=3`` composes; re-merging the composed config onto a fresh schema catches it
+    before anything runs.
+
+    Raises:
+        btp.errors.ConfigError: naming the unknown key.
+    """
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    from btp.errors import ConfigError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
+    except ConfigKeyError as e:
+        raise ConfigError(f"unknown config key '{e.full_key}': not declared in btp/schema.py "
+                          "(check the spelling; see config/config.yaml)") from e
+    except ValidationError as e:
+        raise ConfigError(f"bad value for '{e.full_key}': {e.msg}") from e
