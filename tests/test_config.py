@@ -1,0 +1,146 @@
+"""The Hydra configuration: composition, original values, strictness, tiny stand-ins."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import btp.schema  # noqa: F401  (registers the schema and the repo_path resolver)
+from btp.errors import ConfigError
+from btp.runner import check_override_order, validate
+from btp.schema import alg_section, check_known_keys
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "config"
+
+
+def _compose(*overrides: str, config_dir: Path = CONFIG):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+# method.md's table: the original values per experiment.
+ORIGINAL = {
+    "qa": dict(num_edit_per_block=100, metric_period=200, num_block=20, num_rank_per_block=2,
+               init_radius=75.0, edit_lr=1e-2, lr_step_size=20),
+    "scotus": dict(num_edit_per_block=50, metric_period=200, num_block=100, num_rank_per_block=4,
+                   init_radius=0.1, edit_lr=1e-2, lr_step_size=20),
+    "hallucination": dict(num_edit_per_block=4, metric_period=400, num_block=350,
+                          num_rank_per_block=2, init_radius=0.5, edit_lr=1e-3, lr_step_size=20),
+}
+MODELS = {"qa": ["t5small", "t5large"], "scotus": ["scotus-bert"], "hallucination": ["gpt2xl"]}
+
+
+@pytest.mark.parametrize("task", sorted(ORIGINAL))
+def test_experiments_hold_the_original_values(task: str) -> None:
+    for model in MODELS[task]:
+        cfg = _compose("+alg=lora", f"+experiment={task}", f"+model={model}")
+        validate(cfg)
+        want = ORIGINAL[task]
+        assert cfg.task == task and cfg.alg.name == "melo"
+        assert cfg.num_edit_per_block == want["num_edit_per_block"]
+        assert cfg.metric_period == want["metric_period"]
+        for key in ("num_block", "num_rank_per_block", "init_radius", "edit_lr", "lr_step_size"):
+            assert cfg.melo[key] == want[key], (task, key)
+        assert cfg.melo.num_iter == 50 and cfg.melo.key_id == -1 and cfg.melo.lr_gamma == 0.5
+        assert cfg.melo.key_position == "padded" and cfg.melo.label_match == "sum"
+        assert cfg.seed == 0 and cfg.device == "auto" and cfg.max_n_edits is None
+
+
+def test_real_model_files() -> None:
+    t5 = _compose("+alg=lora", "+experiment=qa", "+model=t5small").model
+    assert t5.pretrained == "google/t5-small-ssm-nq"
+    assert len(t5.target_modules) == 4 and all(m.endswith(".wo") for m in t5.target_modules)
+    assert t5.grace_layer == "encoder.block.4.layer.1.DenseReluDense.wo"
+    large = _compose("+alg=lora", "+experiment=qa", "+model=t5large").model
+    assert len(large.target_modules) == 8
+    assert large.grace_layer == "encoder.block.12.layer.1.DenseReluDense.wo"
+    bert = _compose("+alg=lora", "+experiment=scotus", "+model=scotus-bert").model
+    assert bert.target_modules == [f"bert.encoder.layer.{i}.output.dense" for i in (9, 10, 11)]
+    assert bert.tokenizer == "bert-base-cased"
+    gpt = _compose("+alg=lora", "+experiment=hallucination", "+model=gpt2xl").model
+    assert gpt.target_modules == ["transformer.h.36.mlp.c_fc", "transformer.h.37.mlp.c_fc"]
+    assert gpt.grace_layer == "transformer.h.35.mlp.c_fc"
+
+
+@pytest.mark.parametrize("task,tiny,real", [
+    ("qa", "tiny-t5small", "t5small"), ("qa", "tiny-t5large", "t5large"),
+    ("scotus", "tiny-scotus-bert", "scotus-bert"), ("hallucination", "tiny-gpt2xl", "gpt2xl")])
+def test_tiny_models_keep_the_real_module_paths(task: str, tiny: str, real: str) -> None:
+    from btp.models import load_model_and_tokenizer
+
+    cfg = _compose("+alg=lora", f"+experiment={task}", f"+model={tiny}")
+    validate(cfg)
+    real_cfg = _compose("+alg=lora", f"+experiment={task}", f"+model={real}")
+    assert list(cfg.model.target_modules) == list(real_cfg.model.target_modules)
+    assert cfg.model.grace_layer == real_cfg.model.grace_layer
+    assert cfg.model.tiny is not None and cfg.model.kind == real_cfg.model.kind
+    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, enum_to_str=True))
+    model, _ = load_model_and_tokenizer(model_cfg, "cpu")
+    names = {n for n, _ in model.named_modules()}
+    for module in [*cfg.model.target_modules, cfg.model.grace_layer]:
+        assert module in names, module
+
+
+def test_data_dir_is_the_repo_data_folder_absolute() -> None:
+    cfg = _compose("+alg=lora", "+experiment=qa", "+model=tiny-t5small")
+    assert Path(cfg.data_dir) == REPO / "data" and Path(cfg.data_dir).is_absolute()
+
+
+def test_typo_on_the_command_line_fails_at_compose() -> None:
+    with pytest.raises(Exception, match="num_iters"):
+        _compose("+alg=lora", "+experiment=qa", "+model=t5small", "melo.num_iters=3")
+    with pytest.raises(Exception, match="max_n_edit"):
+        _compose("+alg=lora", "+experiment=qa", "+model=t5small", "max_n_edit=3")
+    with pytest.raises(Exception):
+        _compose("+alg=lora", "+experiment=qa", "+model=t5small", "task=translation")
+    added = _compose("+alg=lora", "+experiment=qa", "+model=t5small", "+melo.num_iters=3")
+    with pytest.raises(ConfigError, match="melo.num_iters"):
+        check_known_keys(added)
+    check_known_keys(_compose("+alg=lora", "+experiment=qa", "+model=t5small"))
+
+
+def test_typo_in_a_yaml_file_fails_at_compose(tmp_path: Path) -> None:
+    config_dir = tmp_path / "config"
+    shutil.copytree(CONFIG, config_dir)
+    (config_dir / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\ntask: qa\nmelo:\n  num_iters: 3\n")
+    with pytest.raises(Exception, match="num_iters"):
+        _compose("+alg=lora", "+experiment=typo", "+model=t5small", config_dir=config_dir)
+
+
+def test_tiny_model_must_follow_the_experiment() -> None:
+    good = ["+alg=lora", "+experiment=qa", "+model=tiny-t5small"]
+    cfg = _compose(*good)
+    check_override_order(good, cfg)
+    bad = ["+alg=lora", "+model=tiny-t5small", "+experiment=qa"]
+    cfg_bad = _compose(*bad)
+    assert cfg_bad.melo.init_radius == 75.0  # what the wrong order silently does
+    with pytest.raises(ConfigError, match="must come after"):
+        check_override_order(bad, cfg_bad)
+    real = ["+alg=lora", "+model=t5small", "+experiment=qa"]  # harmless for real models
+    check_override_order(real, _compose(*real))
+
+
+def test_missing_groups_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"\+experiment="):
+        validate(_compose("+alg=lora", "+model=t5small"))
+    with pytest.raises(ConfigError, match=r"\+alg="):
+        validate(_compose("+experiment=qa", "+model=t5small"))
+    with pytest.raises(ConfigError, match=r"\+model="):
+        validate(_compose("+alg=lora", "+experiment=qa"))
+
+
+@pytest.mark.parametrize("alg,name", [("lora", "melo"), ("grace", "grace"), ("ft", "ft"),
+                                      ("ft_ewc", "ft_ewc"), ("plain_lora", "plain_lora")])
+def test_alg_files_select_registered_editors(alg: str, name: str) -> None:
+    from btp.editors import EDITORS
+
+    cfg = _compose(f"+alg={alg}", "+experiment=qa", "+model=t5small")
+    assert cfg.alg.name == name and name in EDITORS
+    section = alg_section(cfg)
+    assert "num_iter" in section or "lambda_" in section
