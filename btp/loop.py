@@ -1,7 +1,8 @@
 """The single editing loop, shared by every task and algorithm.
 
-The edit stream arrives as consecutive chunks of ``num_edit_per_block`` records; each chunk is
-one edit (one ``Editor.edit`` call). Before the first edit the unedited model is evaluated once
+The edit stream arrives as consecutive chunks of the algorithm's edit batch size
+(``btp.runner.edit_batch_size``: its section's ``batch_size``, else ``num_edit_per_block``);
+each chunk is one edit (one ``Editor.edit`` call). Before the first edit the unedited model is evaluated once
 (``n_edits = 0``): its upstream predictions become the locality references, and the record keeps
 the pre-edit values (``TRR``, ``holdout``/``ARR`` and ``stream_unedited``, the metric on the whole
 edit stream before editing). After every ``metric_period`` edits and after the last chunk the

@@ -97,8 +97,19 @@ def validate(cfg: DictConfig) -> None:
                           f"{kind}; pick a matching +model")
     if cfg.num_edit_per_block < 1 or cfg.metric_period < 1:
         raise ConfigError("num_edit_per_block and metric_period must be >= 1")
+    if edit_batch_size(cfg) < 1:
+        raise ConfigError(f"the edit batch size must be >= 1; check {cfg.alg.name}'s batch_size "
+                          "(null = num_edit_per_block)")
     if cfg.max_n_edits is not None and cfg.max_n_edits < 1:
         raise ConfigError("max_n_edits must be >= 1 (or null for the whole stream)")
+
+
+def edit_batch_size(cfg: DictConfig) -> int:
+    """Records per edit (one ``Editor.edit`` call): the algorithm section's ``batch_size`` when
+    it has one that is not null (GRACE: 1, it edits one record at a time), else
+    ``num_edit_per_block``. ``metric_period`` still counts edits (records), not batches."""
+    size = alg_section(cfg).get("batch_size")
+    return int(size) if size is not None else int(cfg.num_edit_per_block)
 
 
 def pick_device(name: str) -> torch.device:
@@ -175,7 +186,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
     model, tokenizer = load_model_and_tokenizer(model_cfg, device, seed=cfg.seed)
     collate = Collator(tokenizer, task, cfg.data.max_length, cfg.data.label_max_length)
     eval_bs = cfg.eval.batch_size or cfg.num_edit_per_block
-    stream = batched(data.edits, cfg.num_edit_per_block)
+    stream = batched(data.edits, edit_batch_size(cfg))
     sets = EvalSets(upstream=batched(data.upstream, eval_bs),
                     holdout=batched(data.holdout, eval_bs) if data.holdout is not None else None,
                     accurate=batched(data.accurate, eval_bs) if data.accurate is not None else None)
@@ -230,4 +241,4 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
     return summary
 
 
-__all__ = ["run", "validate", "check_override_order", "pick_device", "UserError"]
+__all__ = ["run", "validate", "edit_batch_size", "check_override_order", "pick_device", "UserError"]

@@ -11,8 +11,8 @@ Defaults of the algorithm sections are the original MELO values for the qa exper
 
 Which algorithm reads which section (see :func:`alg_section`):
 ``melo`` -> ``melo``; ``grace`` -> ``grace``; ``ft`` -> ``ft``; ``ft_ewc`` -> ``ft`` merged with
-``ewc``; ``plain_lora`` -> ``plain_lora``. A null ``batch_size`` in a baseline section means
-``num_edit_per_block``.
+``ewc``; ``plain_lora`` -> ``melo`` merged with ``plain_lora``. The edit stream is cut into batches of the
+section's ``batch_size`` (GRACE: 1); a null or absent one (MELO) means ``num_edit_per_block``.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class GraceCfg:
     edit_lr: float = 1.0
     num_iter: int = 100
     replacement: str = "replace_last"
-    batch_size: int = 1
+    batch_size: Optional[int] = 1  # GRACE edits one record at a time; null = num_edit_per_block
     label_match: LabelMatch = LabelMatch.exact
     key_id: int = -1  # key token position (as melo.key_id)
     key_position: KeyPosition = KeyPosition.padded  # padded: key_id of the padded batch

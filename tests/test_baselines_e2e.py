@@ -79,6 +79,9 @@ def test_baseline_runs_like_melo(alg: str, task: str, tmp_path: Path, melo_keys)
     assert _metric_keys(tmp_path) == want_metrics
     assert json.loads((tmp_path / "summary.json").read_text())["alg"] == alg
     assert summary["n_edits"] == 4 and summary["edit_time_s"] > 0
+    # The stream is cut by the algorithm's batch_size: GRACE's is 1, the others' is null
+    # (num_edit_per_block=2).
+    assert summary["n_batches"] == (4 if alg == "grace" else 2)
     for key in METRIC_KEYS:
         assert summary[key] is not None
     assert 0.0 <= summary["locality"] <= 1.0

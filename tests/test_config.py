@@ -144,3 +144,24 @@ def test_alg_files_select_registered_editors(alg: str, name: str) -> None:
     assert cfg.alg.name == name and name in EDITORS
     section = alg_section(cfg)
     assert "num_iter" in section or "lambda_" in section
+
+
+@pytest.mark.parametrize("alg,extra,want", [
+    ("lora", [], 100),                       # MELO: num_edit_per_block
+    ("grace", [], 1),                        # GRACE edits one record at a time
+    ("grace", ["grace.batch_size=3"], 3),
+    ("grace", ["grace.batch_size=null"], 100),
+    ("ft", [], 100), ("ft", ["ft.batch_size=7"], 7),
+    ("ft_ewc", ["ft.batch_size=5"], 5),
+    ("plain_lora", ["plain_lora.batch_size=2"], 2),
+])
+def test_edit_batch_size_per_algorithm(alg: str, extra: list[str], want: int) -> None:
+    from btp.runner import edit_batch_size
+
+    cfg = _compose(f"+alg={alg}", "+experiment=qa", "+model=t5small", *extra)
+    assert edit_batch_size(cfg) == want
+
+
+def test_edit_batch_size_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        validate(_compose("+alg=grace", "+experiment=qa", "+model=t5small", "grace.batch_size=0"))
