@@ -1,7 +1,8 @@
 """``run(cfg)``: one sequential-editing run from a composed config to ``summary.json``.
 
 Order of work (cheap checks first, so that bad input fails before a model is loaded):
-validate the config -> seed -> read any checkpoint of this run dir (refuse a changed config) ->
+validate the config -> a finished run in the run dir (``summary.json``, same task/alg/model/seed)
+is returned as is (``btp.sweep.finished_summary``: re-submitted sweeps skip done jobs) -> seed -> read any checkpoint of this run dir (refuse a changed config) ->
 load data -> load model and tokenizer -> build the editor and let it check the stream -> restore
 the checkpoint or evaluate the unedited model -> the editing loop -> ``adapter/`` and
 ``summary.json``. Errors the user can fix are ``btp.errors.UserError``; ``run.py`` turns them into
@@ -21,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from btp import checkpoint as ckpt
+from btp import sweep
 from btp.errors import ConfigError, UserError
 from btp.evaluation import batched, lazy_batches, make_evaluator
 from btp.loop import EditingLoop, EvalSets, LoopState
@@ -165,11 +167,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
 
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
-
     validate(cfg)
     task = _value(cfg.task)
+    # A re-submitted sweep reaches the same run dir: a finished run there is returned as is
+    # (a finished run of another configuration is refused).
+    done = sweep.finished_summary(run_dir, {"task": task, "alg": cfg.alg.name,
+                                            "model": cfg.model.name, "seed": cfg.seed})
+    if done is not None:
+        log.info("run dir %s: already finished, skipping (summary.json kept)", run_dir)
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)

@@ -163,19 +163,32 @@ def test_local_multirun_resumes_then_skips(tmp_path: Path) -> None:
     # 3. Re-submitting a finished sweep skips every run: the summaries stay untouched.
     third = _multirun(sweep_dir, args)
     assert third.returncode == 0, third.stderr[-3000:]
-    untouched = all(
-        ((d / "summary.json").stat().st_mtime_ns, (d / "summary.json").read_bytes()) == stamps[d]
-        for d in dirs)
-    if not untouched and not _runner_skips_finished():
-        pytest.xfail("btp.runner.run does not skip finished runs yet: it must return "
-                     "btp.sweep.finished_summary(run_dir) when that is not None")
-    assert untouched
+    for d in dirs:
+        assert ((d / "summary.json").stat().st_mtime_ns,
+                (d / "summary.json").read_bytes()) == stamps[d]
+        assert "already finished, skipping" in (d / "run.log").read_text()
 
 
-def _runner_skips_finished() -> bool:
-    """Whether the runner is wired to ``btp.sweep`` (the skip-finished hook)."""
-    source = (ROOT / "btp" / "runner.py").read_text()
-    return "finished_summary" in source or "sweep.finished" in source
+def test_runner_returns_a_finished_run_untouched(tmp_path: Path, monkeypatch) -> None:
+    """``btp.runner.run`` on a run dir with a finished run of the same identity returns its
+    summary without loading data or a model; one of another identity is refused."""
+    from btp import runner
+    from btp.models import load_model_and_tokenizer  # noqa: F401 - patched below
+
+    cfg = _compose(TINY_RUN + ["seed=3"])
+    summary = {"task": "qa", "alg": "melo", "model": "tiny-t5small", "seed": 3, "ES": 0.5}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    before = (tmp_path / "summary.json").stat().st_mtime_ns
+
+    def no_data(*a, **k):
+        raise AssertionError("a finished run must not load data")
+
+    monkeypatch.setattr("btp.data.load_task_data", no_data)
+    assert runner.run(cfg, run_dir=tmp_path, progress=False) == summary
+    assert (tmp_path / "summary.json").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="another configuration"):
+        runner.run(_compose(TINY_RUN + ["seed=4"]), run_dir=tmp_path, progress=False)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 @pytest.mark.slow
