@@ -114,6 +114,30 @@ def test_wandb_group_is_the_sweep_name(tmp_path: Path) -> None:
         HydraConfig.instance().cfg = None
 
 
+def test_metrics_log_puts_the_sweep_into_the_wandb_group(tmp_path: Path, monkeypatch) -> None:
+    """MetricsLog passes the sweep's name (or an explicit wandb.group) to wandb.init."""
+    import types
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from btp.outputs import MetricsLog
+
+    calls: list[dict] = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(
+        id="x", finish=lambda **k: None, summary={}))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = _compose(TINY_RUN + ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/qa_sweep"])
+    HydraConfig.instance().set_config(cfg)
+    try:
+        for group, want in ((None, "qa_sweep"), ("mine", "mine")):
+            wandb_cfg = OmegaConf.create({"mode": "offline", "project": "p", "entity": None,
+                                          "group": group})
+            MetricsLog(tmp_path, wandb_cfg, {}, "name").finish(None)
+            assert calls[-1]["group"] == want
+    finally:
+        HydraConfig.instance().cfg = None
+
+
 # -- real multiruns through submitit's local executor -----------------------------------------
 
 def _multirun(sweep_dir: Path, overrides: list[str], env_extra: dict[str, str] | None = None,
