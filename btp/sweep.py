@@ -1,8 +1,8 @@
 """Sweep helpers: skip finished runs on re-submission, one wandb group per sweep.
 
 A sweep is a Hydra multirun (``python run.py -m ...``), locally or on SLURM through
-``hydra/launcher=slurm`` (``config/hydra/launcher/slurm.yaml``). Those launcher configs name each
-job's directory after its overrides, so re-submitting the same command with the same
+``hydra/launcher=slurm`` (``config/hydra/launcher/slurm.yaml``). ``config/config.yaml`` names each
+job's directory after its overrides (``hydra.sweep.subdir``), so re-submitting the same command with the same
 ``hydra.sweep.dir`` reaches the same run directories. What a job then does there:
 
 * ``summary.json`` present (:func:`finished`): the run completed; skip it and return that summary

@@ -84,6 +84,16 @@ def test_local_launcher_config_composes() -> None:
     assert cfg.hydra.launcher.timeout_min == 5
 
 
+def test_sweep_job_dirs_are_named_after_their_overrides() -> None:
+    """Re-submitting a sweep reaches the same job dirs: the name is the job's overrides, without
+    the keys that do not change results (wandb, device, checkpoint.enabled)."""
+    cfg = _compose(TINY_RUN + ["hydra.mode=MULTIRUN", "seed=1", "melo.init_radius=2",
+                               "device=cpu", "wandb.mode=offline", "wandb.group=g",
+                               "checkpoint.enabled=false"])
+    assert cfg.hydra.sweep.subdir == \
+        "+alg=lora,+experiment=qa,+model=tiny-t5small,melo.init_radius=2,seed=1"
+
+
 def test_finished_and_sweep_name(tmp_path: Path) -> None:
     assert not sweep.finished(tmp_path)
     (tmp_path / "summary.json").write_text("{broken")
@@ -152,7 +162,8 @@ def _multirun(sweep_dir: Path, overrides: list[str], env_extra: dict[str, str] |
 
 
 def _run_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/config.yaml"))
+    # Job dirs are named after their overrides; a value with '/' (data_dir) nests folders.
+    return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml"))
 
 
 @pytest.mark.slow
