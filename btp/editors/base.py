@@ -53,13 +53,23 @@ class Editor(abc.ABC):
     def edit(self, batch: dict[str, torch.Tensor]) -> EditOutcome:
         """Edit the model on one tokenized batch that carries ``labels``."""
 
-    @abc.abstractmethod
-    def forward(self, **inputs: torch.Tensor) -> Any:
-        """Inference forward of the edited model (HF ModelOutput with ``logits``/``loss``)."""
+    def _on_model_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        device = next(self.base_model.parameters()).device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
-    @abc.abstractmethod
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        """Inference forward of the edited model (HF ModelOutput with ``logits``/``loss``).
+
+        The default runs ``base_model`` itself, which suits editors that change it in place
+        (fine-tuning, injected LoRA); routed editors override it.
+        """
+        with torch.no_grad():
+            return self.base_model(**self._on_model_device(inputs))
+
     def generate(self, **inputs: Any) -> torch.Tensor:
-        """Greedy generation with the edited model (seq2seq/causal LM only)."""
+        """Greedy generation with the edited model (seq2seq/causal LM only); default as ``forward``."""
+        with torch.no_grad():
+            return self.base_model.generate(**self._on_model_device(inputs))
 
     def stats(self) -> dict[str, int]:
         """Database statistics; algorithms without a database report zeros."""

@@ -116,14 +116,6 @@ class FtEditor(Editor):
                     log.debug("loss %.4f ewc penalty %.4g", losses[-1], float(pen.detach()))
         return EditOutcome(losses=losses, time_s=time.perf_counter() - t0)
 
-    def forward(self, **inputs: Any) -> Any:
-        with torch.no_grad():
-            return self.base_model(**to_device(inputs, model_device(self.base_model)))
-
-    def generate(self, **inputs: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return self.base_model.generate(**to_device(inputs, model_device(self.base_model)))
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"ft.{k}": p.detach().clone() for k, p in self.params.items()}
 

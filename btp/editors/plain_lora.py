@@ -101,16 +101,6 @@ class PlainLoraEditor(Editor):
             p.grad = None
         return EditOutcome(losses=losses, time_s=time.perf_counter() - t0)
 
-    # ``base_model`` is the HF model with the LoRA layers injected, so calling it directly is the
-    # adapted model (PeftModel without a task type has no ``generate`` of its own).
-    def forward(self, **inputs: Any) -> Any:
-        with torch.no_grad():
-            return self.base_model(**to_device(inputs, model_device(self.base_model)))
-
-    def generate(self, **inputs: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return self.base_model.generate(**to_device(inputs, model_device(self.base_model)))
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft).items()}
 
