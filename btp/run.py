@@ -4,7 +4,8 @@ A thin Hydra 1.3 entry: Hydra composes ``config/config.yaml`` on the structured 
 (``btp/schema.py``; unknown keys fail at compose time), changes nothing else, and calls
 ``btp.runner.run(cfg)``, which writes everything into Hydra's run directory. Errors the user can
 fix (``btp.errors.UserError``) become one line on stderr and exit code 2; the full traceback goes
-to the log file only.
+to the log file only. In a sweep (``-m``) such an error fails only its own job: it is logged and
+re-raised, Hydra marks the job failed, the other jobs still run and the sweep exits non-zero.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if __package__ in (None, ""):
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import btp.schema  # noqa: E402,F401  (registers the schema and the repo_path resolver)
@@ -39,6 +41,10 @@ def main(cfg: DictConfig) -> dict:
     except UserError as e:
         log.debug("user error", exc_info=True)
         log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # One job of a sweep: let Hydra mark this job failed; sys.exit would end the whole
+            # sweep under the basic launcher (SystemExit is not caught per job).
+            raise
         # One line on stderr: Hydra's console handler may not be attached (job_logging off).
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()

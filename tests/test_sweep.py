@@ -166,6 +166,25 @@ def _run_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml"))
 
 
+def test_user_error_fails_only_its_job_in_a_basic_multirun(tmp_path: Path) -> None:
+    """Under Hydra's basic launcher a UserError in one job must not end the sweep."""
+    sweep_dir = tmp_path / "sweep"
+    # Job 2 (max_n_edits=20) is already finished: it only has to be reached to be skipped.
+    done = sweep_dir / "+alg=lora,+experiment=qa,+model=tiny-t5small,max_n_edits=20"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps(
+        {"task": "qa", "alg": "melo", "model": "tiny-t5small", "seed": 0, "ES": 1.0}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", *TINY_RUN,
+           "max_n_edits=0,20"]  # job 1: max_n_edits=0 is refused before anything loads
+    proc = subprocess.run(cmd, cwd=ROOT / "btp", env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "max_n_edits must be >= 1" in proc.stdout + proc.stderr
+    assert (done / "run.log").is_file(), proc.stderr[-3000:]  # the second job ran
+    assert "already finished, skipping" in (done / "run.log").read_text()
+
+
 @pytest.mark.slow
 def test_local_multirun_resumes_then_skips(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
