@@ -62,6 +62,8 @@ def test_real_model_files() -> None:
     bert = _compose("+alg=lora", "+experiment=scotus", "+model=scotus-bert").model
     assert bert.target_modules == [f"bert.encoder.layer.{i}.output.dense" for i in (9, 10, 11)]
     assert bert.tokenizer == "bert-base-cased"
+    assert bert.grace_layer == "bert.encoder.layer.4.output.dense"  # MELO's key layer
+    assert bert.grace_baseline_layer == "bert.encoder.layer.10.output.dense"  # GRACE's own
     gpt = _compose("+alg=lora", "+experiment=hallucination", "+model=gpt2xl").model
     assert gpt.target_modules == ["transformer.h.36.mlp.c_fc", "transformer.h.37.mlp.c_fc"]
     assert gpt.grace_layer == "transformer.h.35.mlp.c_fc"
@@ -78,11 +80,13 @@ def test_tiny_models_keep_the_real_module_paths(task: str, tiny: str, real: str)
     real_cfg = _compose("+alg=lora", f"+experiment={task}", f"+model={real}")
     assert list(cfg.model.target_modules) == list(real_cfg.model.target_modules)
     assert cfg.model.grace_layer == real_cfg.model.grace_layer
+    assert cfg.model.grace_baseline_layer == real_cfg.model.grace_baseline_layer
     assert cfg.model.tiny is not None and cfg.model.kind == real_cfg.model.kind
     model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, enum_to_str=True))
     model, _ = load_model_and_tokenizer(model_cfg, "cpu")
     names = {n for n, _ in model.named_modules()}
-    for module in [*cfg.model.target_modules, cfg.model.grace_layer]:
+    for module in [*cfg.model.target_modules, cfg.model.grace_layer,
+                   *([cfg.model.grace_baseline_layer] if cfg.model.grace_baseline_layer else [])]:
         assert module in names, module
 
 
