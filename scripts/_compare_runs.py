@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btp.schema import ALG_SECTIONS  # config sections each algorithm reads (one table)
+
 log = logging.getLogger("compare")
 
 #: Keys every ``summary.json`` must carry (the runner's fixed output format).
@@ -33,13 +35,8 @@ DB_STATS: tuple[str, ...] = ("clusters", "conflicts", "forgotten")
 #: do not change results.
 _NON_VARIANT_PREFIXES: tuple[str, ...] = (
     "seed", "alg", "experiment", "model", "hydra.", "hydra/", "wandb", "device", "output_dir",
+    "checkpoint.",
 )
-#: Config sections each algorithm reads (as btp/schema.py's ALG_SECTIONS; kept here so that the
-#: script also works on copied run directories without the package).
-ALG_SECTIONS: dict[str, tuple[str, ...]] = {
-    "melo": ("melo",), "grace": ("grace",), "ft": ("ft",), "ft_ewc": ("ft", "ewc"),
-    "plain_lora": ("plain_lora",),
-}
 ALL_ALG_SECTIONS = frozenset(s for secs in ALG_SECTIONS.values() for s in secs)
 #: Files whose presence marks a directory as a (possibly broken) run directory.
 _RUN_MARKERS: tuple[str, ...] = ("summary.json", "metrics.jsonl", ".hydra/config.yaml")

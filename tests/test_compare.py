@@ -216,6 +216,23 @@ def test_variants_only_from_relevant_varying_overrides(tmp_path: Path) -> None:
     assert (out / "comparison.md").read_text().count("duplicate seed") == 2
 
 
+def test_plain_lora_variants_include_melo_keys(tmp_path: Path) -> None:
+    """plain_lora reads MELO's section too (btp.schema.ALG_SECTIONS, the one table): a
+    melo.num_block sweep makes plain_lora variants; grace.* never does."""
+    import _compare_runs
+
+    from btp.schema import ALG_SECTIONS
+
+    assert _compare_runs.ALG_SECTIONS is ALG_SECTIONS
+    for blocks in (4, 8):
+        make_run(tmp_path / f"p{blocks}", alg="plain_lora", seed=0,
+                 overrides=[f"melo.num_block={blocks}", f"grace.init_radius={blocks}"])
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path), "--out", str(out), "--no-plots"]) == 0
+    methods = {key[1] for key in read_csv(out / "comparison.csv")}
+    assert methods == {"plain_lora (melo.num_block=4)", "plain_lora (melo.num_block=8)"}
+
+
 # -- on real tiny runs --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
