@@ -169,3 +169,17 @@ def test_edit_batch_size_per_algorithm(alg: str, extra: list[str], want: int) ->
 def test_edit_batch_size_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="batch_size"):
         validate(_compose("+alg=grace", "+experiment=qa", "+model=t5small", "grace.batch_size=0"))
+
+
+@pytest.mark.parametrize("task,tiny,want", [
+    ("qa", "tiny-t5small", dict(replacement="replace_prompt", edit_lr=10.0, key_id=-1,
+                                init_radius=1.0)),
+    ("scotus", "tiny-scotus-bert", dict(replacement="replace_prompt", edit_lr=10.0, key_id=-2,
+                                        init_radius=0.05)),
+])
+def test_tiny_models_set_grace_demo_values(task: str, tiny: str, want: dict) -> None:
+    cfg = alg_section(_compose("+alg=grace", f"+experiment={task}", f"+model={tiny}"))
+    assert {k: cfg[k] for k in want} == want
+    real = alg_section(_compose("+alg=grace", f"+experiment={task}", "+model=t5small"
+                                if task == "qa" else "+model=scotus-bert"))
+    assert (real.replacement, real.edit_lr, real.key_id) == ("replace_last", 1.0, -1)
