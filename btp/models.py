@@ -67,8 +67,10 @@ _ARCH_HINTS = {
 }
 
 #: Keys a ``tiny`` dict may hold.
+#: ``initializer_range`` is the init scale: BERT/GPT-2 ``initializer_range`` (std of the normal
+#: init, default 0.02); for T5 it is passed as ``initializer_factor`` (a multiplier, default 1.0).
 TINY_KEYS = frozenset({"arch", "d_model", "d_ff", "heads", "d_kv", "num_layers", "seed",
-                       "num_labels", "max_positions"})
+                       "num_labels", "max_positions", "initializer_range"})
 
 _AUTO_CLASSES = {
     "seq2seq": "AutoModelForSeq2SeqLM",
@@ -143,6 +145,7 @@ def build_tiny_config(arch: str, tiny: dict[str, Any], num_labels: int | None) -
             tie_word_embeddings=spec["tie_word_embeddings"], dropout_rate=0.0,
             pad_token_id=SPECIAL_IDS["<pad>"], eos_token_id=SPECIAL_IDS["</s>"],
             decoder_start_token_id=SPECIAL_IDS["<pad>"],
+            initializer_factor=float(spec.get("initializer_range", 1.0)),
         )
     if spec["family"] == "bert":
         from transformers import BertConfig
@@ -154,6 +157,7 @@ def build_tiny_config(arch: str, tiny: dict[str, Any], num_labels: int | None) -
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
             pad_token_id=SPECIAL_IDS["[PAD]"],
             num_labels=int(spec.get("num_labels", num_labels or 14)),
+            initializer_range=float(spec.get("initializer_range", 0.02)),
         )
     from transformers import GPT2Config
 
@@ -162,7 +166,7 @@ def build_tiny_config(arch: str, tiny: dict[str, Any], num_labels: int | None) -
         vocab_size=vocab, n_positions=int(spec.get("max_positions", 1024)), n_embd=d_model,
         n_layer=layers, n_head=heads, n_inner=d_ff, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, summary_first_dropout=0.0, bos_token_id=eos, eos_token_id=eos,
-        pad_token_id=eos,
+        pad_token_id=eos, initializer_range=float(spec.get("initializer_range", 0.02)),
     )
 
 
@@ -191,10 +195,12 @@ def _untie_t5_lm_head(model: nn.Module) -> None:
 
     transformers 5 always ties T5's ``lm_head`` to ``shared`` at init and only unties when a
     checkpoint holds two different tensors; ``tie_word_embeddings=False`` in the config only
-    turns off the decoder-output scaling. So build the separate head here (T5's init: N(0, 1)).
+    turns off the decoder-output scaling. So build the separate head here (T5's init:
+    N(0, initializer_factor)).
     """
     head = model.lm_head
-    head.weight = nn.Parameter(torch.randn_like(head.weight))
+    factor = float(getattr(model.config, "initializer_factor", 1.0))
+    head.weight = nn.Parameter(torch.randn_like(head.weight) * factor)
     tied = getattr(model, "all_tied_weights_keys", None)
     if isinstance(tied, dict):
         tied.pop("lm_head.weight", None)  # so a later tie_weights() keeps them apart

@@ -169,6 +169,28 @@ def test_tiny_seeded_and_dictconfig() -> None:
     assert torch.equal(torch.rand(1), x) and before.shape == (1,)  # global RNG untouched
 
 
+@pytest.mark.parametrize("arch,kind", [("gpt2xl", "causal_lm"), ("scotus-bert", "classification"),
+                                       ("t5small", "seq2seq")])
+def test_tiny_initializer_range(arch: str, kind: str) -> None:
+    """``tiny.initializer_range`` scales the init: BERT/GPT-2 std, T5 ``initializer_factor``."""
+    def weight_std(scale: float | None) -> float:
+        tiny = {"arch": arch, "d_model": 32, "d_ff": 64, "heads": 2, "num_layers": 2}
+        if scale is not None:
+            tiny["initializer_range"] = scale
+        model, _ = load_model_and_tokenizer({"name": "x", "kind": kind, "tiny": tiny}, "cpu")
+        emb = model.get_input_embeddings().weight
+        if arch == "t5small":
+            assert model.config.initializer_factor == (1.0 if scale is None else scale)
+            assert model.lm_head.weight.std().item() == pytest.approx(emb.std().item(), rel=0.1)
+        else:
+            assert model.config.initializer_range == (0.02 if scale is None else scale)
+        return emb.std().item()
+
+    default = weight_std(None)
+    scaled = weight_std(0.2 if arch != "t5small" else 0.1)  # 10x GPT-2/BERT's 0.02, T5 1/10
+    assert scaled == pytest.approx(default * (10 if arch != "t5small" else 0.1), rel=0.05)
+
+
 def test_tiny_arch_from_tiny_key_and_errors() -> None:
     cfg = {"name": "my-model", "kind": "seq2seq", "tiny": {"arch": "t5small", "d_model": 16,
                                                             "d_ff": 32, "heads": 2}}
