@@ -243,7 +243,8 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env.pop("BTP_TEST_KILL_AT", None)
     cmd = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", "+alg=lora,grace",
            "+experiment=qa", "+model=tiny-t5small", "seed=0,1", "max_n_edits=20",
-           "metric_period=10", "data.n_upstream=20"]
+           "metric_period=10", "data.n_upstream=20",
+           "grace.num_iter=20"]  # GRACE edits one record at a time: 20 edits; keep it short
     proc = subprocess.run(cmd, cwd=ROOT / "btp", env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
