@@ -365,12 +365,9 @@ def default_grace_layer(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> str:
             return str(name)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     own = GRACE_OWN_LAYER.get(model_type)
-    if own is not None:
-        try:
-            model.get_submodule(own)
-            return own
-        except AttributeError:
-            pass  # a smaller stand-in: fall back to the model's grace_layer
+    # A smaller stand-in may lack GRACE's own layer: then the model's grace_layer serves.
+    if own is not None and own in dict(model.named_modules()):
+        return own
     name = cfg_get(model_cfg, "grace_layer")
     if not name:
         raise ConfigError("GRACE needs a layer: set grace.layer or model.grace_baseline_layer")
