@@ -173,6 +173,9 @@ class EditingLoop:
             for k in range(state.batches_done, len(self.stream)):
                 batch = self._edit_batch(k)
                 outcome = self.editor.edit(batch)
+                if outcome.losses:
+                    log.debug("edit batch %d: loss %.4g -> %.4g over %d steps", k + 1,
+                              outcome.losses[0], outcome.losses[-1], len(outcome.losses))
                 before = state.n_edits
                 state.n_edits += len(self.stream[k])
                 state.batches_done = k + 1

@@ -69,8 +69,19 @@ _ARCH_HINTS = {
 #: Keys a ``tiny`` dict may hold.
 #: ``initializer_range`` is the init scale: BERT/GPT-2 ``initializer_range`` (std of the normal
 #: init, default 0.02); for T5 it is passed as ``initializer_factor`` (a multiplier, default 1.0).
+#: ``residual_scale`` multiplies the init of every residual branch's output projection (self-
+#: attention out and FFN out, :data:`RESIDUAL_OUTPUTS`; T5's cross-attention is left alone), the
+#: scaled-residual init of deep stacks (GPT-2, T-Fixup): with it the residual stream keeps the
+#: input, where a deep random stack at the default init maps every input to nearly one output.
 TINY_KEYS = frozenset({"arch", "d_model", "d_ff", "heads", "d_kv", "num_layers", "seed",
-                       "num_labels", "max_positions", "initializer_range"})
+                       "num_labels", "max_positions", "initializer_range", "residual_scale"})
+
+#: Name suffixes of the residual branches' output projections, per family (``residual_scale``).
+RESIDUAL_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "t5": ("SelfAttention.o", "DenseReluDense.wo"),
+    "bert": ("attention.output.dense", "output.dense"),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+}
 
 _AUTO_CLASSES = {
     "seq2seq": "AutoModelForSeq2SeqLM",
@@ -187,7 +198,28 @@ def build_tiny_model(arch: str, tiny: dict[str, Any], num_labels: int | None = N
         model = cls(config)
         if family == "t5" and not ARCHS[arch].get("tie_word_embeddings", True):
             _untie_t5_lm_head(model)
+    if tiny.get("residual_scale") is not None:
+        scale_residual_branches(model, family, float(tiny["residual_scale"]))
     return model, get_tokenizer(family)
+
+
+def scale_residual_branches(model: nn.Module, family: str, scale: float) -> int:
+    """Multiply the weights of every residual-branch output projection of ``model`` by ``scale``.
+
+    Returns how many projections were scaled (bias untouched). See :data:`TINY_KEYS`.
+    """
+    if not scale > 0:
+        raise ConfigError(f"model.tiny.residual_scale must be > 0, got {scale}")
+    suffixes = RESIDUAL_OUTPUTS[family]
+    scaled = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(suffixes) and hasattr(module, "weight"):
+                module.weight.mul_(scale)
+                scaled += 1
+    if not scaled:  # pragma: no cover - the suffix table is tested per family
+        raise ConfigError(f"model.tiny.residual_scale: no residual output projection in {family}")
+    return scaled
 
 
 def _untie_t5_lm_head(model: nn.Module) -> None:

@@ -191,6 +191,39 @@ def test_tiny_initializer_range(arch: str, kind: str) -> None:
     assert scaled == pytest.approx(default * (10 if arch != "t5small" else 0.1), rel=0.05)
 
 
+@pytest.mark.parametrize("arch,kind,expected", [
+    ("t5large", "seq2seq", {"encoder.block.0.layer.0.SelfAttention.o",
+                            "encoder.block.1.layer.1.DenseReluDense.wo",
+                            "decoder.block.0.layer.0.SelfAttention.o",
+                            "decoder.block.1.layer.2.DenseReluDense.wo"}),
+    ("scotus-bert", "classification", {"bert.encoder.layer.0.attention.output.dense",
+                                       "bert.encoder.layer.1.output.dense"}),
+    ("gpt2xl", "causal_lm", {"transformer.h.0.attn.c_proj", "transformer.h.1.mlp.c_proj"}),
+])
+def test_tiny_residual_scale(arch: str, kind: str, expected: set[str]) -> None:
+    """``tiny.residual_scale`` multiplies exactly the residual branches' output projections."""
+    tiny = {"arch": arch, "d_model": 32, "d_ff": 64, "heads": 2, "num_layers": 2}
+    base, _ = load_model_and_tokenizer({"name": "x", "kind": kind, "tiny": tiny}, "cpu")
+    scaled, _ = load_model_and_tokenizer(
+        {"name": "x", "kind": kind, "tiny": {**tiny, "residual_scale": 0.1}}, "cpu")
+    base_w = dict(base.named_parameters())
+    changed = set()
+    for name, weight in scaled.named_parameters():
+        if torch.equal(weight, base_w[name]):
+            continue
+        assert name.endswith(".weight"), f"{name} changed (biases stay)"
+        torch.testing.assert_close(weight, base_w[name] * 0.1)
+        changed.add(name[: -len(".weight")])
+    assert expected <= changed
+    n_layers = 2 * (2 if arch == "t5large" else 1)  # T5: encoder and decoder stacks
+    assert len(changed) == 2 * n_layers, sorted(changed)  # attention out + FFN out per layer
+    if arch == "t5large":  # cross-attention is not a residual branch we scale
+        assert not any("EncDecAttention" in name for name in changed)
+    with pytest.raises(ConfigError, match="residual_scale must be > 0"):
+        load_model_and_tokenizer({"name": "x", "kind": kind,
+                                  "tiny": {**tiny, "residual_scale": 0.0}}, "cpu")
+
+
 def test_tiny_arch_from_tiny_key_and_errors() -> None:
     cfg = {"name": "my-model", "kind": "seq2seq", "tiny": {"arch": "t5small", "d_model": 16,
                                                             "d_ff": 32, "heads": 2}}

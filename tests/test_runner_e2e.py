@@ -42,6 +42,18 @@ def test_qa_tiny_t5small(tmp_path: Path) -> None:
     assert "ERR_em" in s and "holdout_em" in s
 
 
+def test_qa_tiny_t5large(tmp_path: Path) -> None:
+    """The 24+24-block stand-in learns its edits (model.tiny.residual_scale, tiny-t5large.yaml)."""
+    proc = run_cli(tmp_path, "+alg=lora", "+experiment=qa", "+model=tiny-t5large",
+                   "max_n_edits=20", "metric_period=10")
+    assert proc.returncode == 0, explain(proc)
+    s = _check_outputs(tmp_path, "qa", 20)
+    assert s["ES"] >= 0.9 and s["ERR"] >= 0.9 and s["locality"] >= 0.95, s
+    assert s["pre_edit"]["stream_unedited"] < 0.5  # the edits were not already right
+    first = read_metrics(tmp_path)[1]  # after the first block: its own ES before block 2 exists
+    assert first["n_edits"] == 10 and first["ES"] >= 0.9, first
+
+
 def test_scotus_tiny_bert(tmp_path: Path) -> None:
     proc = run_cli(tmp_path, "+alg=lora", "+experiment=scotus", "+model=tiny-scotus-bert")
     assert proc.returncode == 0, explain(proc)
