@@ -1,7 +1,8 @@
 """Tiny HF models with the real checkpoints' module paths, for the baseline editors' tests.
 
-Built here (not from btp.models) so the editor unit tests run without the runner; the sanity
-tests below only check that the stand-ins have the paths the editors are configured with.
+Built with tests/tiny_checkpoints.py's builders (not btp.models) so the editor unit tests run
+without the runner, at narrower widths than the adapter tests; the sanity tests below only check
+that the stand-ins have the paths the editors are configured with.
 Other baseline test modules import the builders from this file.
 """
 
@@ -11,14 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+
+from tests.tiny_checkpoints import build_bert, build_gpt2, build_t5
 
 T5_TARGETS = [
     "encoder.block.5.layer.1.DenseReluDense.wo",
@@ -49,12 +44,7 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 def tiny_t5(seed: int = 0) -> tuple[torch.nn.Module, SimpleNamespace]:
     """T5 v1.1-style (gated-gelu, 8+8 blocks, untied) with d_model 16."""
-    torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=48, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=8,
-                   num_decoder_layers=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                   tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-                   decoder_start_token_id=0)
-    model = _freeze(T5ForConditionalGeneration(cfg))
+    model = _freeze(build_t5(8, "gated-gelu", vocab=48, d_model=16, d_ff=32, heads=2, seed=seed))
     mcfg = SimpleNamespace(target_modules=list(T5_TARGETS),
                            grace_layer="encoder.block.4.layer.1.DenseReluDense.wo")
     return model, mcfg
@@ -62,13 +52,9 @@ def tiny_t5(seed: int = 0) -> tuple[torch.nn.Module, SimpleNamespace]:
 
 def tiny_bert(seed: int = 0, num_labels: int = 3) -> tuple[torch.nn.Module, SimpleNamespace]:
     """12-layer BERT sequence classifier with hidden size 16."""
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=48, hidden_size=16, num_hidden_layers=12, num_attention_heads=2,
-                     intermediate_size=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, num_labels=num_labels,
-                     max_position_embeddings=64, pad_token_id=0,
-                     initializer_range=0.3)  # default 0.02 gives ~0 logits and gradients
-    model = _freeze(BertForSequenceClassification(cfg))
+    model = _freeze(build_bert(vocab=48, hidden=16, intermediate=32, heads=2,
+                               num_labels=num_labels, seed=seed, pad_token_id=0,
+                               initializer_range=0.3))  # default 0.02: ~0 logits and gradients
     mcfg = SimpleNamespace(target_modules=list(BERT_TARGETS),
                            grace_layer="bert.encoder.layer.4.output.dense")
     return model, mcfg
@@ -76,11 +62,8 @@ def tiny_bert(seed: int = 0, num_labels: int = 3) -> tuple[torch.nn.Module, Simp
 
 def tiny_gpt2(seed: int = 0) -> tuple[torch.nn.Module, SimpleNamespace]:
     """48-layer GPT-2 (Conv1D MLPs) with n_embd 16."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=48, n_embd=16, n_layer=48, n_head=2, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
-                     eos_token_id=1, bos_token_id=1)
-    model = _freeze(GPT2LMHeadModel(cfg))
+    model = _freeze(build_gpt2(vocab=48, n_embd=16, heads=2, seed=seed, pad_token_id=0,
+                               bos_token_id=1))
     mcfg = SimpleNamespace(target_modules=list(GPT2_TARGETS),
                            grace_layer="transformer.h.35.mlp.c_fc")
     return model, mcfg

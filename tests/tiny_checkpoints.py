@@ -1,7 +1,9 @@
-"""Tiny stand-ins of the real checkpoints for the adapter's tests (table-driven, as peft's tests).
+"""Tiny stand-ins of the real checkpoints for the tests (table-driven, as peft's tests).
 
 Each keeps the module paths, layer count and FFN type of the checkpoint it stands for (method.md)
 with small widths and random weights, so the shipped target/grace names are checked offline.
+The ``build_*`` functions are shared: the adapter tests use their defaults (:data:`CASES`), the
+baseline tests (``test_baselines_tiny``) narrower widths.
 """
 
 from __future__ import annotations
@@ -33,43 +35,50 @@ class Case:
     kind: str  # seq2seq | classification | causal_lm
 
 
-def _t5(num_layers: int, ffn: str) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
-        torch.manual_seed(0)
-        cfg = T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=num_layers,
-                       num_decoder_layers=num_layers, feed_forward_proj=ffn, tie_word_embeddings=False,
-                       dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-        return T5ForConditionalGeneration(cfg).eval()
-    return build
+def build_t5(num_layers: int, ffn: str, *, vocab: int = VOCAB, d_model: int = 32, d_ff: int = 48,
+             heads: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A seeded random T5 (untied head, d_kv 8, dropout 0) with ``num_layers`` + ``num_layers``."""
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_ff=d_ff, d_kv=8, num_heads=heads,
+                   num_layers=num_layers, num_decoder_layers=num_layers, feed_forward_proj=ffn,
+                   tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
 
 
-def _bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=12, num_attention_heads=4,
-                     intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     num_labels=5, max_position_embeddings=64)
+def build_bert(*, vocab: int = VOCAB, hidden: int = 32, intermediate: int = 48, heads: int = 4,
+               num_labels: int = 5, seed: int = 0, **extra: object) -> torch.nn.Module:
+    """A seeded random 12-layer BERT classifier (dropout 0); ``extra`` goes to ``BertConfig``."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=12,
+                     num_attention_heads=heads, intermediate_size=intermediate,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     num_labels=num_labels, max_position_embeddings=64, **extra)
     return BertForSequenceClassification(cfg).eval()
 
 
-def _gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=48, n_head=4, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=1, pad_token_id=1)
+def build_gpt2(*, vocab: int = VOCAB, n_embd: int = 32, heads: int = 4, seed: int = 0,
+               **extra: object) -> torch.nn.Module:
+    """A seeded random 48-block GPT-2 (Conv1D, dropout 0); ``extra`` goes to ``GPT2Config``."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=n_embd, n_layer=48, n_head=heads, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **{"eos_token_id": 1,
+                                                                          "pad_token_id": 1, **extra})
     return GPT2LMHeadModel(cfg).eval()
 
 
 T5_WO = "DenseReluDense.wo"
 CASES = [
-    Case("t5-small-ssm-nq", _t5(8, "gated-gelu"),
+    Case("t5-small-ssm-nq", lambda: build_t5(8, "gated-gelu"),
          tuple([f"encoder.block.{i}.layer.1.{T5_WO}" for i in (5, 6)] + [f"decoder.block.{i}.layer.2.{T5_WO}" for i in (5, 6)]),
          f"encoder.block.4.layer.1.{T5_WO}", "seq2seq"),
-    Case("t5-large-ssm-nq", _t5(24, "relu"),
+    Case("t5-large-ssm-nq", lambda: build_t5(24, "relu"),
          tuple([f"encoder.block.{i}.layer.1.DenseReluDense.{w}" for i in (22, 23) for w in ("wi", "wo")]
                + [f"decoder.block.{i}.layer.2.DenseReluDense.{w}" for i in (22, 23) for w in ("wi", "wo")]),
          f"encoder.block.12.layer.1.{T5_WO}", "seq2seq"),
-    Case("scotus-bert", _bert, tuple(f"bert.encoder.layer.{i}.output.dense" for i in (9, 10, 11)),
+    Case("scotus-bert", build_bert, tuple(f"bert.encoder.layer.{i}.output.dense" for i in (9, 10, 11)),
          "bert.encoder.layer.4.output.dense", "classification"),
-    Case("gpt2-xl", _gpt2, tuple(f"transformer.h.{i}.mlp.c_fc" for i in (36, 37)),
+    Case("gpt2-xl", build_gpt2, tuple(f"transformer.h.{i}.mlp.c_fc" for i in (36, 37)),
          "transformer.h.35.mlp.c_fc", "causal_lm"),
 ]
 CASE_IDS = [c.name for c in CASES]
