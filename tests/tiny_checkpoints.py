@@ -61,9 +61,9 @@ def build_gpt2(*, vocab: int = VOCAB, n_embd: int = 32, heads: int = 4, seed: in
                **extra: object) -> torch.nn.Module:
     """A seeded random 48-block GPT-2 (Conv1D, dropout 0); ``extra`` goes to ``GPT2Config``."""
     torch.manual_seed(seed)
+    ids = {"eos_token_id": 1, "pad_token_id": 1} | extra  # ``extra`` may override the ids
     cfg = GPT2Config(vocab_size=vocab, n_embd=n_embd, n_layer=48, n_head=heads, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **{"eos_token_id": 1,
-                                                                          "pad_token_id": 1, **extra})
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
     return GPT2LMHeadModel(cfg).eval()
 
 
