@@ -174,3 +174,50 @@ def test_generate_uses_the_prompt_routing_for_every_step(case: Case) -> None:
     with torch.no_grad():
         base = reference.generate(**inputs, **kwargs)
     assert torch.equal(edited[2:], base[2:])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind == "seq2seq"], ids=lambda c: c.name)
+def test_forward_without_the_grace_layer_is_refused_not_routed_stale(case: Case) -> None:
+    """T5 called with ``encoder_outputs=`` after a routed batch: the grace layer (in the encoder)
+    does not run, so the decoder's adapted layers have no decision of their own and refuse."""
+    reference, melo = _melo(case)
+    _randomise(melo)
+    batch = make_batch(case.kind, n=4)
+    melo.database.update(_keys(melo, batch), batch["labels"], block=0)
+    assert not torch.equal(_logits(melo, batch), _logits(reference, batch))  # routed to block 0
+    assert melo.routing.blocks.tolist() == [0, 0, 0, 0]
+    with torch.no_grad():
+        encoded = reference.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(RuntimeError, match="MELO has no routing decision for this forward at decoder"):
+        melo(encoder_outputs=encoded, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert melo.routing.blocks is None  # the previous batch's decision is gone
+    # with input_ids the key layer runs again and the forward is routed as before
+    assert torch.equal(_logits(melo, batch), _logits(melo, batch))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind == "causal_lm"], ids=lambda c: c.name)
+def test_generation_with_and_without_cache_gives_the_same_tokens(case: Case) -> None:
+    reference, melo = _melo(case)
+    _randomise(melo)
+    batch = make_batch(case.kind, n=4)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    melo.database.update(_keys(melo, batch)[:2], batch["labels"][:2], block=1)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=1)
+    cached = melo.generate(**inputs, use_cache=True, **kwargs)
+    assert melo.routing.blocks.tolist() == [1, 1, -1, -1]
+    uncached = melo.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        base = reference.generate(**inputs, **kwargs)
+    assert not torch.equal(cached[:2], base[:2]) and torch.equal(cached[2:], base[2:])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_key_id_beyond_the_sequence_is_clamped_to_the_last_position(case: Case) -> None:
+    _, melo = _melo(case)
+    _, far = _melo(case, key_id=10_000)
+    batch = make_batch(case.kind)
+    assert torch.equal(_keys(far, batch), _keys(melo, batch))  # key_id -1 = the last position
+    _, before = _melo(case, key_id=-10_000)
+    with pytest.raises(ValueError, match="key_id=-10000 is before the first of"):
+        _keys(before, batch)

@@ -124,31 +124,43 @@ def test_state_dict_round_trip_keeps_routing_and_counters() -> None:
 
 
 class ReferenceDatabase:
-    """The rules written as the plain per-example, per-cluster loops the original uses."""
+    """The rules written as the plain per-example, per-cluster loops of the original.
 
-    def __init__(self, init_radius: float) -> None:
+    Nearest cluster and distance against the database before the batch; the radius, center and
+    points of that cluster read live, so earlier examples of the same batch change the rule.
+    """
+
+    def __init__(self, init_radius: float, label_match: str = "sum") -> None:
         self.r0 = init_radius
+        self.label_match = label_match
         self.clusters: list[dict] = []
         self.conflicts = 0
         self.forgotten = 0
 
-    def update(self, keys: torch.Tensor, labels: list[int], block: int) -> None:
+    def same(self, a: list[int], b: list[int]) -> bool:
+        if self.label_match == "sum":
+            return sum(max(x, 0) for x in a) == sum(max(x, 0) for x in b)
+        width = max(len(a), len(b))
+        return a + [-100] * (width - len(a)) == b + [-100] * (width - len(b))
+
+    def nearest(self, key: torch.Tensor, centers: list[torch.Tensor]) -> tuple[int, float]:
+        dists = [float((key - c).norm()) for c in centers]
+        j = min(range(len(dists)), key=dists.__getitem__)
+        return j, dists[j]
+
+    def update(self, keys: torch.Tensor, labels: list[list[int]], block: int) -> None:
         if not self.clusters:
             for key, label in zip(keys, labels):
                 self.clusters.append({"c": key.clone(), "r": self.r0, "label": label, "pts": [(key.clone(), block)]})
             return
-        before = [(cl["c"].clone(), cl["r"]) for cl in self.clusters]
-        nearest = []
-        for key in keys:
-            dists = [float((key - c).norm()) for c, _ in before]
-            j = min(range(len(dists)), key=dists.__getitem__)
-            nearest.append((j, dists[j], before[j][1]))
+        old_centers = [cl["c"].clone() for cl in self.clusters]
+        found = [self.nearest(key, old_centers) for key in keys]
         new = []
-        for key, label, (j, d, r) in zip(keys, labels, nearest):
+        for key, label, (j, d) in zip(keys, labels, found):
             cl = self.clusters[j]
-            if d > r + self.r0:
+            if d > cl["r"] + self.r0:
                 new.append({"c": key.clone(), "r": self.r0, "label": label, "pts": [(key.clone(), block)]})
-            elif label == cl["label"]:
+            elif self.same(label, cl["label"]):
                 cl["pts"].append((key.clone(), block))
                 cl["c"] = torch.stack([p for p, _ in cl["pts"]]).mean(0)
                 cl["r"] = max(max(float((p - cl["c"]).norm()) for p, _ in cl["pts"]), self.r0)
@@ -162,29 +174,137 @@ class ReferenceDatabase:
         self.clusters.extend(new)
 
     def route(self, key: torch.Tensor) -> int:
-        dists = [float((key - cl["c"]).norm()) for cl in self.clusters]
-        j = min(range(len(dists)), key=dists.__getitem__)
-        if dists[j] > self.clusters[j]["r"]:
+        j, d = self.nearest(key, [cl["c"] for cl in self.clusters])
+        if d > self.clusters[j]["r"]:
             return -1
         pts = self.clusters[j]["pts"]
         return min(pts, key=lambda pb: float((key - pb[0]).norm()))[1]
 
 
-def test_batched_database_matches_the_plain_reference() -> None:
-    torch.manual_seed(1)
-    db, ref = VectorDatabase(init_radius=0.6), ReferenceDatabase(0.6)
-    for block in range(12):
-        keys = torch.randn(10, 3) * 1.5
-        labels = torch.randint(0, 3, (10,))
-        db.update(keys, labels, block=block)
-        ref.update(keys, labels.tolist(), block=block)
+def _label_rows(labels: torch.Tensor) -> list[list[int]]:
+    return [row if isinstance(row, list) else [row] for row in labels.tolist()]
+
+
+def _assert_same_database(db: VectorDatabase, ref: ReferenceDatabase, probe: torch.Tensor) -> None:
     assert len(db) == len(ref.clusters)
     assert (db.conflicts, db.forgotten) == (ref.conflicts, ref.forgotten)
-    assert db.conflicts > 0 and db.forgotten > 0  # the test exercised the conflict path
     assert db.stats()["points"] == sum(len(cl["pts"]) for cl in ref.clusters)
-    probe = torch.randn(200, 3) * 1.5
+    assert torch.allclose(db.centers, torch.stack([cl["c"] for cl in ref.clusters]), atol=1e-5)
+    assert torch.allclose(db.radii, torch.tensor([cl["r"] for cl in ref.clusters]), atol=1e-5)
     assert db.route(probe).tolist() == [ref.route(p) for p in probe]
+
+
+# (seed, label shape, label_match): streams whose batches reach the same cluster several times,
+# so that expansions widen and conflicts shrink a radius mid-batch, points are forgotten and
+# placeholders left.
+STREAMS = [
+    (seed, shape, mode)
+    for seed in (1, 2, 3)
+    for shape, mode in (("class", "sum"), ("tokens", "sum"), ("tokens", "exact"))
+]
+
+
+@pytest.mark.parametrize("seed,shape,mode", STREAMS)
+def test_batched_database_matches_the_plain_reference(seed: int, shape: str, mode: str) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    db, ref = VectorDatabase(init_radius=0.6, label_match=mode), ReferenceDatabase(0.6, mode)
+    for block in range(12):
+        keys = torch.randn(10, 3, generator=gen) * 1.5
+        if shape == "class":
+            labels = torch.randint(0, 3, (10,), generator=gen)
+        else:  # token rows padded with -100; "sum" sees collisions such as [1, 2] vs [2, 1]
+            labels = torch.randint(0, 3, (10, 2), generator=gen)
+            labels[torch.rand(10, generator=gen) < 0.3, 1] = -100
+        db.update(keys, labels, block=block)
+        ref.update(keys, _label_rows(labels), block=block)
+        _assert_same_database(db, ref, torch.randn(50, 3, generator=gen) * 1.5)
+    assert db.conflicts > 0 and db.forgotten > 0  # the stream exercised the conflict path
     assert not math.isnan(float(db.radii.sum()))
+
+
+def test_reference_streams_exercise_every_within_batch_path() -> None:
+    """The random streams above reach a cluster several times in one batch, with both orders."""
+    gen = torch.Generator().manual_seed(1)
+    db = VectorDatabase(init_radius=0.6)
+    shared_batches = 0
+    for block in range(12):
+        keys = torch.randn(10, 3, generator=gen) * 1.5
+        labels = torch.randint(0, 3, (10,), generator=gen)
+        if len(db):
+            nearest, _ = db._nearest(keys)
+            shared_batches += int(torch.unique(nearest).numel() < nearest.numel())
+        db.update(keys, labels, block=block)
+    assert shared_batches >= 6
+    assert int((db.point_blocks == -1).sum()) >= 1  # a placeholder was left
+
+
+def test_within_batch_conflict_makes_a_later_key_far() -> None:
+    """Note case 1: the conflict halves the radius, so the later same-label key founds a cluster."""
+    db = VectorDatabase(init_radius=1.0)
+    db.update(k(10, 0), torch.tensor([20]), block=0)
+    db.update(torch.tensor([[10.5, 0.0], [11.8, 0.0]]), torch.tensor([99, 20]), block=1)
+    assert len(db) == 3 and db.conflicts == 1
+    assert db.radii.tolist() == pytest.approx([0.25 - 1e-5, 0.25 + 1e-5, 1.0])
+    assert torch.equal(db.centers[0], torch.tensor([10.0, 0.0]))  # not expanded
+
+
+def test_within_batch_second_conflict_is_far_instead() -> None:
+    """Note case 2: one conflict in all, not two."""
+    db = VectorDatabase(init_radius=1.0)
+    db.update(k(20, 0), torch.tensor([30]), block=0)
+    db.update(torch.tensor([[20.4, 0.0], [21.6, 0.0]]), torch.tensor([77, 78]), block=1)
+    assert len(db) == 3 and db.conflicts == 1
+    assert db.radii.tolist() == pytest.approx([0.2 - 1e-5, 0.2 + 1e-5, 1.0])
+
+
+def test_within_batch_expansion_widens_the_reach_of_a_later_key() -> None:
+    """Note case 3: the second key meets the radius grown by the first (2.5 <= 5/3 + 1)."""
+    db = VectorDatabase(init_radius=1.0)
+    db.update(k(0, 0), torch.tensor([10]), block=0)
+    db.update(k(2, 0), torch.tensor([10]), block=1)  # one cluster: center 1, radius 1
+    assert len(db) == 1
+    db.update(torch.tensor([[3.0, 0.0], [-1.5, 0.0]]), torch.tensor([10, 10]), block=2)
+    assert len(db) == 1 and db.stats()["points"] == 4
+    assert db.centers[0, 0].item() == pytest.approx(0.875)
+    assert db.radii[0].item() == pytest.approx(2.375)
+    assert db.route(torch.tensor([[-1.4, 0.0], [2.9, 0.0], [0.1, 0.0]])).tolist() == [2, 2, 0]
+
+
+def test_nearest_center_is_the_exact_distance_argmin_on_near_ties() -> None:
+    """Two centers at distances differing by ~1e-4 of a key of norm ~1e3: the expanded form
+    |c|^2 - 2 k.c rounds them into the wrong order; the exact distances do not."""
+    gen = torch.Generator().manual_seed(0)
+    dim, wrong = 64, 0
+    for trial in range(200):
+        key = torch.randn(1, dim, generator=gen) * 300
+        u = torch.randn(dim, generator=gen)
+        u /= u.norm()
+        a = key[0] + u * 1.0
+        b = key[0] - u * (1.0 + 1e-4 * torch.rand((), generator=gen).item())
+        centers = torch.stack([b, a]) if trial % 2 else torch.stack([a, b])
+        db = VectorDatabase(init_radius=5.0)
+        db.update(centers, torch.tensor([1, 2]), block=0)
+        exact = (key - centers).norm(dim=1)
+        want = int(exact.argmin())
+        got, dist = db._nearest(key)
+        approx = ((centers * centers).sum(1) - 2 * (key @ centers.T)[0]).argmin()
+        wrong += int(approx) != want
+        assert int(got) == want, trial
+        assert float(dist) == float(exact[want])
+    assert wrong > 0  # the expanded form alone gets some of these wrong
+
+
+def test_nearest_center_rechecks_beyond_the_candidate_window() -> None:
+    """Many near-equidistant centers (more than the re-ranked candidates): still the exact argmin."""
+    gen = torch.Generator().manual_seed(3)
+    key = torch.randn(1, 32, generator=gen) * 200
+    dirs = torch.randn(40, 32, generator=gen)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    centers = key + dirs * (2.0 + 1e-5 * torch.rand(40, 1, generator=gen))
+    db = VectorDatabase(init_radius=1.0)
+    db.update(centers, torch.arange(40), block=0)
+    got, _ = db._nearest(key)
+    assert int(got) == int((key - centers).norm(dim=1).argmin())
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0])

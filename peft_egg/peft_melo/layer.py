@@ -28,6 +28,7 @@ class MeloLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, routing: RoutingState, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.routing = routing
+        self._layer_name = type(base_layer).__name__  # the module path, set by MeloModel
         self.melo_A = nn.ParameterDict({})  # [in, r]
         self.melo_B = nn.ParameterDict({})  # [r, out]
         self.melo_dropout = nn.ModuleDict({})
@@ -115,6 +116,7 @@ class Linear(nn.Module, MeloLayer):
             return result
         if state.forced_block is not None:
             return result + self.block_delta(adapter, x, state.forced_block).to(result.dtype)
+        state.check_decided(self._layer_name)
         if not state.any_routed:
             return result
         blocks = state.blocks

@@ -124,6 +124,7 @@ class MeloModel(BaseTuner):
             raise TypeError(
                 f"target module {current_key} is a {type(target).__name__}; MELO supports nn.Linear and Conv1D"
             )
+        new_module._layer_name = current_key
         self._replace_module(parent, target_name, new_module, target)
 
     def _post_injection_hook(self, model: nn.Module, config: MeloConfig, adapter_name: str) -> None:

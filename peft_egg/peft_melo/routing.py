@@ -43,9 +43,26 @@ class RoutingState:
         self.any_routed = False
 
     def begin_forward(self, attention_mask: Optional[torch.Tensor]) -> None:
-        """Called by the model before each top-level forward/generate."""
+        """Called by the model before each top-level forward/generate: forget the last decision.
+
+        A decision never outlives its forward; a layer that runs before the grace layer made a
+        new one refuses to guess (see :meth:`check_decided`).
+        """
         self.attention_mask = attention_mask
+        self.blocks = None
+        self.any_routed = False
         self._decided = False
+
+    def check_decided(self, layer: str) -> None:
+        """Raise unless the grace layer has routed the current forward."""
+        if not self._decided:
+            raise RuntimeError(
+                f"MELO has no routing decision for this forward at {layer}: the grace layer did not "
+                "run before it (for example T5 called with encoder_outputs=..., or a decoder step "
+                "on cached states outside generate()). Call the model with input_ids so the key "
+                "layer runs, or use MeloModel.generate(), which keeps the prompt's decision for "
+                "every generated token."
+            )
 
     def set_blocks(self, blocks: torch.Tensor) -> None:
         self.blocks = blocks
@@ -58,13 +75,17 @@ def select_keys(
 ) -> torch.Tensor:
     """The key of each example: the layer output [n, s, d] at one token -> [n, d].
 
-    ``padded``: token ``key_id`` of the padded batch (original). ``last_real``: the last token
-    whose attention mask is 1 (needs the mask of the same sequence length).
+    ``padded``: token ``key_id`` of the padded batch (original), clamped to the last position
+    as the original does (``min(key_id, L - 1)``). ``last_real``: the last token whose attention
+    mask is 1 (needs the mask of the same sequence length).
     """
     if output.dim() != 3:
         raise ValueError(f"grace layer output must be [batch, seq, dim], got {tuple(output.shape)}")
     if key_position == "padded" or attention_mask is None or attention_mask.shape[1] != output.shape[1]:
-        return output[:, key_id, :]
+        position = min(key_id, output.shape[1] - 1)
+        if position < -output.shape[1]:
+            raise ValueError(f"key_id={key_id} is before the first of {output.shape[1]} tokens")
+        return output[:, position, :]
     last = attention_mask.long().cumsum(1).argmax(1)  # index of the last 1 per row
     return output[torch.arange(output.shape[0], device=output.device), last.to(output.device)]
 

@@ -16,6 +16,10 @@ import torch
 NO_BLOCK = -1
 # The original shrinks both radii by this much around the midpoint on a label conflict.
 CONFLICT_MARGIN = 1e-5
+# Nearest-center candidates re-ranked on exact distances, and the rounding bound (in ulps per
+# sqrt(d)) under which the expanded form cannot order two centers.
+TIE_CANDIDATES = 4
+_ROUNDING_ULPS = 8.0
 
 LabelMatch = Literal["sum", "exact"]
 
@@ -28,6 +32,14 @@ def _as_label_rows(labels: torch.Tensor) -> torch.Tensor:
     if labels.dim() != 2:
         raise ValueError(f"labels must be [n] class ids or [n, L] token ids, got shape {tuple(labels.shape)}")
     return labels
+
+
+def _lowest_index_min(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise minimum of ``values`` [n, w] and the smallest ``index`` [n, w] attaining it."""
+    best = values.min(dim=1).values
+    at_min = values == best[:, None]
+    chosen = torch.where(at_min, index, torch.full_like(index, torch.iinfo(torch.long).max)).min(dim=1).values
+    return chosen, best
 
 
 def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -106,15 +118,42 @@ class VectorDatabase:
     def _nearest(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest center per key -> (index [n], Euclidean distance [n]).
 
-        ``|k - c|^2 = |k|^2 - 2 k.c + |c|^2`` with cached ``|c|^2``: one matmul, several times
-        faster than ``torch.cdist`` for these shapes.
+        The index is the argmin of the exact distances ``|k - c|`` (lowest index on an exact
+        tie), as a per-cluster distance loop gives it. The candidates come from the expanded form
+        ``|c|^2 - 2 k.c`` (one matmul, several times faster than ``torch.cdist``); its rounding
+        can swap two nearly equidistant centers, so the best ``TIE_CANDIDATES`` are re-ranked on
+        exact distances, and a row whose next-best approximate value lies within the rounding
+        bound of its best one is searched exactly over every center.
         """
-        sq = self.center_sq[None, :] - 2.0 * (keys @ self.centers.T)  # [n, C]; |k|^2 is constant per row
-        idx = sq.argmin(dim=1)
-        # The expanded form loses precision for large norms; the chosen distance is recomputed
-        # directly ([n, d] work) so that radius tests near a boundary are exact.
-        dist = (keys - self.centers[idx]).norm(dim=1)
+        n_clusters = len(self)
+        approx = self.center_sq[None, :] - 2.0 * (keys @ self.centers.T)  # [n, C]; |k|^2 dropped
+        width = min(n_clusters, TIE_CANDIDATES)
+        cand_approx, cand = approx.topk(width, dim=1, largest=False)  # [n, w] ascending
+        exact = (keys[:, None, :] - self.centers[cand]).norm(dim=2)  # [n, w]
+        idx, dist = _lowest_index_min(exact, cand)
+        if width < n_clusters:
+            # Rounding of the expanded form: about sqrt(d) ulps of |k|^2 + |c|^2.
+            key_sq = (keys * keys).sum(1)
+            bound = _ROUNDING_ULPS * keys.shape[1] ** 0.5 * torch.finfo(torch.float32).eps \
+                * (key_sq + self._max_center_sq)
+            unsure = (cand_approx[:, -1] + key_sq) - dist.square() <= bound
+            if bool(unsure.any()):
+                rows = unsure.nonzero().squeeze(1)
+                idx[rows], dist[rows] = self._nearest_exhaustive(keys[rows])
         return idx, dist
+
+    def _nearest_exhaustive(self, keys: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact-distance argmin over every center (rare fallback), in chunks of centers."""
+        best_d = torch.full((keys.shape[0],), float("inf"), device=keys.device)
+        best_i = torch.zeros(keys.shape[0], dtype=torch.long, device=keys.device)
+        for first in range(0, len(self), chunk):
+            block = self.centers[first: first + chunk]
+            d = (keys[:, None, :] - block[None]).norm(dim=2)  # [m, chunk]
+            local_d, local_i = d.min(dim=1)  # first minimum on ties
+            better = local_d < best_d  # strict: an equal later center never wins
+            best_d = torch.where(better, local_d, best_d)
+            best_i = torch.where(better, local_i + first, best_i)
+        return best_i, best_d
 
     # ------------------------------------------------------------------ routing
     def route(self, keys: torch.Tensor) -> torch.Tensor:
@@ -148,10 +187,16 @@ class VectorDatabase:
     def update(self, keys: torch.Tensor, labels: torch.Tensor, block: int) -> None:
         """Fold one edit batch into the database (the original's three rules).
 
-        Every key is compared with the database as it was before this batch (keys of the batch do
-        not see each other). Then, per key in order: farther than R + init_radius -> new cluster;
-        else same label -> expand that cluster; else conflict -> halve both radii around the
-        midpoint, found a new cluster and forget the old cluster's points outside its new radius.
+        The nearest cluster ``j_i`` of each key and the distance ``d_i`` to its center come from
+        the database as it was before this batch (clusters founded by the batch are never
+        candidates). Then, per key in order, against the CURRENT state of ``j_i``: ``d_i`` >
+        radius + init_radius -> new cluster; else same label -> expand ``j_i``; else conflict ->
+        ``j_i``'s radius becomes ``d_i/2 - 1e-5`` (its points outside are forgotten), the new
+        cluster's ``d_i/2 + 1e-5``. An earlier key of the batch that expanded or shrank ``j_i``
+        thus changes the rule a later key meets.
+
+        Keys that are alone in reaching their cluster see exactly the old state and are decided
+        together; only clusters reached by several keys of the batch are replayed in order.
 
         Args:
             keys: [n, d] keys of the batch.
@@ -172,28 +217,137 @@ class VectorDatabase:
             keys, rows = keys.to(self.device), rows.to(self.device)
 
         nearest, dist = self._nearest(keys)
-        radius = self.radii[nearest]
-        far = dist > radius + self.init_radius
         same = self._labels_equal(self.labels[nearest], rows)
-        expand = ~far & same
-        conflict = ~far & ~same
+        _, inverse, counts = torch.unique(nearest, return_inverse=True, return_counts=True)
+        shared = counts[inverse] > 1  # [n] another key of the batch reaches the same cluster
 
-        # New clusters (rule 1 and the new half of rule 3), appended in example order.
-        founders = far | conflict
-        founder_radii = torch.where(
-            conflict, dist / 2 + CONFLICT_MARGIN, torch.full_like(dist, self.init_radius)
-        )[founders]
+        # Keys alone at their cluster: decided from the old state, all at once.
+        far = dist > self.radii[nearest] + self.init_radius
+        founders = far | ~same
+        founder_radii = torch.where(far, torch.full_like(dist, self.init_radius), dist / 2 + CONFLICT_MARGIN)
+        founders &= ~shared
+        expand = ~shared & ~far & same
+        conflict = ~shared & ~far & ~same
+        new_points: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (keys, blocks, cluster)
+        rewritten: list[torch.Tensor] = []  # clusters whose point set is replaced
+        if bool(expand.any()):
+            rewritten.append(nearest[expand])
+            new_points.append(self._expand_alone(keys[expand], nearest[expand], block))
+        if bool(conflict.any()):
+            rewritten.append(nearest[conflict])
+            new_points.append(self._shrink_alone(nearest[conflict], dist[conflict]))
 
-        conflicted = torch.unique(nearest[conflict])
-        replay = torch.isin(nearest, conflicted) & ~far  # clusters replayed in order
-        bulk = expand & ~replay
-        if bool(bulk.any()):
-            self._add_points(keys[bulk], nearest[bulk], block)
-            self._refit(torch.unique(nearest[bulk]))
-        if conflicted.numel():
-            self._replay(keys[replay], nearest[replay], dist[replay], conflict[replay], block)
-        self._append_clusters(keys[founders], founder_radii, rows[founders], block)
+        # Clusters reached by several keys: the same rules, in example order.
+        if bool(shared.any()):
+            order = shared.nonzero().squeeze(1)
+            replay_founder, replay_radius, replayed, points = self._replay(
+                keys[order], nearest[order], dist[order], same[order], block)
+            founders[order] = replay_founder
+            founder_radii[order] = replay_radius
+            rewritten.append(replayed)
+            new_points.append(points)
+
+        if rewritten:
+            self._replace_points(torch.cat(rewritten), new_points)
+        self._append_clusters(keys[founders], founder_radii[founders], rows[founders], block)
         self._reindex()
+
+    def _cluster_points(self, cluster: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys [m, d], blocks [m]) of one cluster, from its run of cluster-sorted points."""
+        start, count = int(self.cluster_start[cluster]), int(self.cluster_count[cluster])
+        return self.point_keys[start: start + count], self.point_blocks[start: start + count]
+
+    def _expand_alone(self, keys: torch.Tensor, clusters: torch.Tensor, block: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add one point to each of distinct ``clusters`` and refit them -> their new point sets.
+
+        Center = mean of the cluster's point keys (old points + the new key); radius =
+        max(farthest point from the new center, init_radius).
+        """
+        old = torch.isin(self.point_clusters, clusters)
+        pk = torch.cat([self.point_keys[old], keys])
+        pb = torch.cat([self.point_blocks[old], torch.full_like(clusters, block)])
+        pc = torch.cat([self.point_clusters[old], clusters])
+        ordered, perm = clusters.sort()
+        local = perm[torch.searchsorted(ordered, pc)]  # [m] position of each point's cluster in ``clusters``
+        m = clusters.shape[0]
+        sums = keys.new_zeros(m, keys.shape[1]).index_add_(0, local, pk)
+        count = keys.new_zeros(m).index_add_(0, local, torch.ones_like(local, dtype=keys.dtype))
+        centers = sums / count[:, None]
+        far = (pk - centers[local]).norm(dim=1)
+        widest = keys.new_zeros(m).scatter_reduce_(0, local, far, reduce="amax")
+        self.centers[clusters] = centers
+        self.radii[clusters] = widest.clamp_min(self.init_radius)
+        return pk, pb, pc
+
+    def _shrink_alone(self, clusters: torch.Tensor, dists: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conflict on distinct ``clusters``: radius d/2 - margin around the kept center, points
+        outside forgotten, a no-block placeholder at the center where none survive."""
+        self.conflicts += int(clusters.numel())
+        self.radii[clusters] = dists / 2 - CONFLICT_MARGIN
+        old = torch.isin(self.point_clusters, clusters)
+        pk, pb, pc = self.point_keys[old], self.point_blocks[old], self.point_clusters[old]
+        keep = (pk - self.centers[pc]).norm(dim=1) <= self.radii[pc]
+        self.forgotten += int((~keep).sum())
+        pk, pb, pc = pk[keep], pb[keep], pc[keep]
+        empty = clusters[~torch.isin(clusters, pc)]
+        return (torch.cat([pk, self.centers[empty]]),
+                torch.cat([pb, torch.full_like(empty, NO_BLOCK)]),
+                torch.cat([pc, empty]))
+
+    def _replay(self, keys: torch.Tensor, clusters: torch.Tensor, dists: torch.Tensor,
+                same: torch.Tensor, block: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The rules in example order for the keys that share their nearest cluster.
+
+        Works on a local copy of each such cluster (center, radius, points): the cost is the
+        size of those clusters, not of the database.
+
+        Returns:
+            founder [m] (bool), founder radius [m], the replayed clusters, and their new point
+            sets as (keys, blocks, cluster ids).
+        """
+        r0 = torch.tensor(self.init_radius, device=self.device)
+        founder = torch.zeros(keys.shape[0], dtype=torch.bool, device=self.device)
+        founder_radius = torch.zeros(keys.shape[0], device=self.device)
+        replayed = torch.unique(clusters)
+        out_keys, out_blocks, out_clusters = [], [], []
+        for cluster in replayed.tolist():
+            events = (clusters == cluster).nonzero().squeeze(1).tolist()  # in example order
+            pk, pb = (t.clone() for t in self._cluster_points(cluster))
+            center, radius = self.centers[cluster].clone(), self.radii[cluster].clone()
+            for i in events:
+                if dists[i] > radius + r0:
+                    founder[i], founder_radius[i] = True, r0
+                elif same[i]:
+                    pk = torch.cat([pk, keys[i][None]])
+                    pb = torch.cat([pb, pb.new_tensor([block])])
+                    center = pk.mean(0)
+                    radius = torch.maximum((pk - center).norm(dim=1).max(), r0)
+                else:
+                    self.conflicts += 1
+                    radius = dists[i] / 2 - CONFLICT_MARGIN
+                    founder[i], founder_radius[i] = True, dists[i] / 2 + CONFLICT_MARGIN
+                    keep = (pk - center).norm(dim=1) <= radius
+                    self.forgotten += int((~keep).sum())
+                    pk, pb = pk[keep], pb[keep]
+                    if pk.shape[0] == 0:
+                        pk, pb = center[None].clone(), pb.new_tensor([NO_BLOCK])
+            self.centers[cluster], self.radii[cluster] = center, radius
+            out_keys.append(pk)
+            out_blocks.append(pb)
+            out_clusters.append(torch.full_like(pb, cluster))
+        points = (torch.cat(out_keys), torch.cat(out_blocks), torch.cat(out_clusters))
+        return founder, founder_radius, replayed, points
+
+    def _replace_points(self, clusters: torch.Tensor,
+                        new_points: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Drop the points of ``clusters`` and append their new point sets."""
+        keep = ~torch.isin(self.point_clusters, clusters)
+        self.point_keys = torch.cat([self.point_keys[keep]] + [p[0] for p in new_points])
+        self.point_blocks = torch.cat([self.point_blocks[keep]] + [p[1] for p in new_points])
+        self.point_clusters = torch.cat([self.point_clusters[keep]] + [p[2] for p in new_points])
 
     def _reset_storage(self, keys: torch.Tensor) -> None:
         d, dev = keys.shape[1], keys.device
@@ -214,66 +368,9 @@ class VectorDatabase:
         self.centers = torch.cat([self.centers, keys])
         self.radii = torch.cat([self.radii, radii.float()])
         ids = torch.arange(first, first + keys.shape[0], device=keys.device)
-        self._add_points(keys, ids, block)
-
-    def _add_points(self, keys: torch.Tensor, clusters: torch.Tensor, block: int) -> None:
         self.point_keys = torch.cat([self.point_keys, keys])
-        self.point_blocks = torch.cat([self.point_blocks, torch.full_like(clusters, block)])
-        self.point_clusters = torch.cat([self.point_clusters, clusters])
-
-    def _refit(self, clusters: torch.Tensor) -> None:
-        """Center = mean of the cluster's point keys; radius = max(farthest point, init_radius)."""
-        n_clusters = len(self)
-        sums = torch.zeros_like(self.centers).index_add_(0, self.point_clusters, self.point_keys)
-        counts = torch.zeros(n_clusters, device=self.device).index_add_(
-            0, self.point_clusters, torch.ones_like(self.point_clusters, dtype=torch.float32)
-        )
-        means = sums / counts.clamp_min(1)[:, None]
-        self.centers[clusters] = means[clusters]
-        dists = (self.point_keys - self.centers[self.point_clusters]).norm(dim=1)
-        far = torch.zeros(n_clusters, device=self.device).scatter_reduce_(
-            0, self.point_clusters, dists, reduce="amax", include_self=True
-        )
-        self.radii[clusters] = far[clusters].clamp_min(self.init_radius)
-
-    def _replay(
-        self,
-        keys: torch.Tensor,
-        clusters: torch.Tensor,
-        dists: torch.Tensor,
-        is_conflict: torch.Tensor,
-        block: int,
-    ) -> None:
-        """Apply expand/conflict events in example order for clusters with a conflict this batch.
-
-        Rare (only clusters that see a label conflict), and the order matters there: a conflict
-        shrinks the radius and forgets points that a later expansion of the same batch would
-        otherwise have kept.
-        """
-        for key, cluster, dist, conflict in zip(keys, clusters.tolist(), dists.tolist(), is_conflict.tolist()):
-            if not conflict:
-                self._add_points(key[None], torch.tensor([cluster], device=self.device), block)
-                self._refit(torch.tensor([cluster], device=self.device))
-                continue
-            self.conflicts += 1
-            new_radius = dist / 2 - CONFLICT_MARGIN
-            self.radii[cluster] = new_radius
-            mine = self.point_clusters == cluster
-            too_far = mine & ((self.point_keys - self.centers[cluster]).norm(dim=1) > new_radius)
-            dropped = int(too_far.sum())
-            if dropped == 0:
-                continue
-            self.forgotten += dropped
-            keep = ~too_far
-            survivors = bool((mine & keep).any())
-            self.point_keys = self.point_keys[keep]
-            self.point_blocks = self.point_blocks[keep]
-            self.point_clusters = self.point_clusters[keep]
-            if not survivors:
-                # The cluster keeps its center, answered by "no block" until a later edit.
-                self.point_keys = torch.cat([self.point_keys, self.centers[cluster][None]])
-                self.point_blocks = torch.cat([self.point_blocks, self.point_blocks.new_tensor([NO_BLOCK])])
-                self.point_clusters = torch.cat([self.point_clusters, self.point_clusters.new_tensor([cluster])])
+        self.point_blocks = torch.cat([self.point_blocks, torch.full_like(ids, block)])
+        self.point_clusters = torch.cat([self.point_clusters, ids])
 
     def _reindex(self) -> None:
         """Sort points by cluster and cache the per-cluster runs and center norms for routing."""
@@ -284,6 +381,7 @@ class VectorDatabase:
         self.cluster_count = torch.bincount(self.point_clusters, minlength=len(self))
         self.cluster_start = torch.cumsum(self.cluster_count, 0) - self.cluster_count
         self.center_sq = (self.centers * self.centers).sum(1)
+        self._max_center_sq = self.center_sq.max() if len(self) else self.center_sq.new_zeros(())
         self._single_point = bool((self.cluster_count == 1).all())
 
     # ------------------------------------------------------------------ persistence
