@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from peft.tuners.tuners_utils import BaseTuner
 
+from . import integrity
 from .config import MeloConfig
 from .layer import Conv1D, Linear, MeloLayer
 from .routing import KeyHook, RoutingState
@@ -267,31 +268,54 @@ class MeloModel(BaseTuner):
         return {k: v.cpu() for k, v in state.items()}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`checkpoint_state` returned."""
-        self.load_adapter_state_dict({k: v for k, v in state.items() if not k.startswith("db.")})
+        """Restore what :meth:`checkpoint_state` returned, after validating it (``integrity``)."""
+        adapter = {k: v for k, v in state.items() if not k.startswith("db.")}
+        database = {k[3:]: v for k, v in state.items() if k.startswith("db.")}
+        shapes = {name: tuple(param.shape) for name, param in self.melo_parameters()}
+        next_block = integrity.validate_adapter(adapter, shapes, self.config_, "checkpoint state")
+        integrity.validate_database(database, self.config_, next_block,
+                                    integrity.key_dim_of(self.model, self._grace_name), "checkpoint state")
+        self.load_adapter_state_dict(adapter)
         device = next(self.model.parameters()).device
-        self.database.load_state_dict({k[3:]: v.to(device) for k, v in state.items() if k.startswith("db.")})
+        self.database.load_state_dict({k: v.to(device) for k, v in database.items()})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write adapter_config.json, the LoRA factors and the vector database (safetensors)."""
+        """Write adapter_config.json, the LoRA factors and the vector database (safetensors, with
+        the checksums and config identity that :meth:`from_pretrained` verifies)."""
         os.makedirs(save_directory, exist_ok=True)
         self.config_.save_pretrained(str(save_directory))
-        save_file({k: v.cpu() for k, v in self.adapter_state_dict().items()},
-                  os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "MELO"})
-        save_file({k: v.detach().cpu() for k, v in self.database.state_dict().items()},
-                  os.path.join(save_directory, DATABASE_NAME), metadata={"format": "pt"})
+        key_dim = integrity.key_dim_of(self.model, self._grace_name)
+        adapter = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
+        save_file(adapter, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME),
+                  metadata=integrity.save_metadata(adapter, self.config_, key_dim, format="pt", peft_type="MELO"))
+        database = {k: v.detach().cpu() for k, v in self.database.state_dict().items()}
+        save_file(database, os.path.join(save_directory, DATABASE_NAME),
+                  metadata=integrity.save_metadata(database, self.config_, key_dim, format="pt"))
         with open(os.path.join(save_directory, "melo_stats.json"), "w", encoding="utf-8") as handle:
             json.dump({**self.database.stats(), "blocks_used": self.next_block}, handle, indent=2)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, **config_overrides: Any) -> "MeloModel":
-        """Wrap ``model`` with the MELO adapter saved in ``directory`` by :meth:`save_pretrained`."""
+        """Wrap ``model`` with the MELO adapter saved in ``directory`` by :meth:`save_pretrained`.
+
+        The files are verified (checksums, saved config, shapes, finite values, ids in range: see
+        ``peft_melo.integrity``) before ``model`` is touched.
+
+        Raises:
+            integrity.AdapterIntegrityError: naming the file and what is wrong with it.
+        """
         directory = str(directory)
-        config = MeloConfig.from_pretrained(directory, **config_overrides)
+        config = integrity.read_config(directory, **config_overrides)
+        key_dim = integrity.key_dim_of(model, config.grace_layer)
+        device = str(next(model.parameters()).device)
+        paths = [os.path.join(directory, name) for name in (ADAPTER_WEIGHTS_NAME, DATABASE_NAME)]
+        adapter, database = (integrity.load_verified(path, config, key_dim, device) for path in paths)
+        shapes = integrity.expected_adapter_shapes(model, config)
+        next_block = integrity.validate_adapter(adapter, shapes, config, paths[0])
+        integrity.validate_database(database, config, next_block, key_dim, paths[1])
         melo = cls(model, config)
-        device = next(model.parameters()).device
-        melo.load_adapter_state_dict(load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME), device=str(device)))
-        melo.database.load_state_dict(load_file(os.path.join(directory, DATABASE_NAME), device=str(device)))
+        melo.load_adapter_state_dict(adapter)
+        melo.database.load_state_dict(database)
         return melo
 
 
