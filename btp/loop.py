@@ -11,6 +11,8 @@ loop evaluates:
 * ``ES``: the chunk just edited; ``ERR``: every chunk edited so far (mean of chunk means);
 * ``TRR``: upstream; ``locality``: fraction of upstream examples predicted as by the unedited model;
 * ``holdout`` (qa) and ``ARR`` (hallucination);
+* ``ES_alone``, ``ERR_alone`` and ``holdout_alone``: the same records each asked in a batch of
+  its own (``btp.asked_alone``; off with ``eval.alone_records=0``);
 * the editor's database ``clusters``/``conflicts``/``forgotten``; cumulative ``edit_time_s``.
 
 For qa the headline values are token F1 and the ``*_em`` keys hold exact match. Each record goes
@@ -27,6 +29,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from btp.asked_alone import AskedAlone
 from btp.checkpoint import kill_hook
 from btp.editors.base import Editor
 from btp.evaluation import TaskEvaluator, evaluate_batches, lazy_batches
@@ -80,12 +83,13 @@ class EditingLoop:
         metrics_log: where records go.
         checkpoint: called with the state after the pre-edit evaluation and after every chunk.
         progress: show a tqdm bar over edits.
+        alone: the records asked alone (``None``: no ``*_alone`` metrics).
     """
 
     def __init__(self, editor: Editor, evaluator: TaskEvaluator, collate: Collate,
                  stream: list[list[dict]], sets: EvalSets, metric_period: int,
                  metrics_log: MetricsLog, checkpoint: Callable[[LoopState], None],
-                 progress: bool = True) -> None:
+                 progress: bool = True, alone: AskedAlone | None = None) -> None:
         self.editor = editor
         self.evaluator = evaluator
         self.collate = collate
@@ -95,6 +99,7 @@ class EditingLoop:
         self.metrics_log = metrics_log
         self.checkpoint = checkpoint
         self.progress = progress
+        self.alone = alone if alone is not None and alone.enabled else None
         self._edit_batches: list[dict[str, torch.Tensor]] = []  # tokenized once, reused by ERR
 
     # -- helpers ---------------------------------------------------------------------------
@@ -123,6 +128,9 @@ class EditingLoop:
             res = evaluate_batches(self.evaluator, self.editor,
                                    lazy_batches(self.sets.holdout, self.collate))
             record.update(self._named("holdout", res.means))
+            if self.alone is not None:
+                alone = self.alone.holdout_scores(self.evaluator, self.editor, self.collate)
+                record.update(self._named("holdout_alone", alone or {}))
         if self.sets.accurate is not None:
             res = evaluate_batches(self.evaluator, self.editor,
                                    lazy_batches(self.sets.accurate, self.collate))
@@ -153,6 +161,11 @@ class EditingLoop:
         # ES is the last chunk's own value; it is one of ERR's chunk means (same forward).
         record.update(self._named("ES", err.per_batch[-1]))
         record.update(self._named("ERR", err.means))
+        if self.alone is not None:
+            es_alone, err_alone = self.alone.edited(self.evaluator, self.editor, self.collate,
+                                                    state.batches_done)
+            record.update(self._named("ES_alone", es_alone))
+            record.update(self._named("ERR_alone", err_alone))
         preds = self._eval_sets(record, keep_refs=False)
         assert state.refs is not None, "pre_edit() must run before evaluate()"
         record["locality"] = locality(preds, state.refs)

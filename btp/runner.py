@@ -25,6 +25,7 @@ from btp import checkpoint as ckpt
 from btp import sweep
 from btp.errors import ConfigError, UserError
 from btp.evaluation import batched, lazy_batches, make_evaluator
+from btp.asked_alone import AskedAlone
 from btp.loop import EditingLoop, EvalSets, LoopState
 from btp.metrics import pack, unpack
 from btp.outputs import SUMMARY_FILE, MetricsLog, write_summary
@@ -234,8 +235,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
         ckpt.save(ckpt_dir, tensors, {**st.to_json(), "rng": rng_js, "config": config,
                                       "n_batches": len(stream), "wandb_id": metrics_log.wandb_id})
 
+    alone = AskedAlone(stream, data.holdout, cfg.eval.alone_records, cfg.seed)
     loop = EditingLoop(editor, evaluator, collate, stream, sets, cfg.metric_period, metrics_log,
-                       save_checkpoint, progress=progress)
+                       save_checkpoint, progress=progress, alone=alone)
     summary = None
     try:
         state = loop.run(state)

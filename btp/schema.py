@@ -134,6 +134,10 @@ class EvalCfg:
 
     max_length: int = 20  # greedy generation length (qa), as the original
     batch_size: Optional[int] = None  # upstream/holdout/accurate batches; null = num_edit_per_block
+    # Edited (and holdout) records asked alone, each in a batch of its own (ES_alone, ERR_alone,
+    # holdout_alone): at most this many per evaluation, a fixed subset seeded by ``seed``; a
+    # stream of at most this many records is asked whole. 0 turns these metrics off.
+    alone_records: int = 500
 
 
 @dataclass
