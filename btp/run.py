@@ -6,6 +6,11 @@ A thin Hydra 1.3 entry: Hydra composes ``config/config.yaml`` on the structured 
 fix (``btp.errors.UserError``) become one line on stderr and exit code 2; the full traceback goes
 to the log file only. In a sweep (``-m``) such an error fails only its own job: it is logged and
 re-raised, Hydra marks the job failed, the other jobs still run and the sweep exits non-zero.
+SIGINT (Ctrl-C) and SIGTERM end the run (and a sweep) with one line saying where the run stands
+and how it resumes, exit code 128 + the signal's number (130, 143).
+
+Hydra writes ``.hydra/`` into the run directory before ``main`` runs; a command that is refused
+puts back the files of the run the directory holds (``btp.rundir``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import btp.schema  # noqa: E402,F401  (registers the schema and the repo_path resolver)
-from btp.errors import UserError  # noqa: E402
+from btp.errors import RunInterrupted, UserError  # noqa: E402
 
 log = logging.getLogger("btp.run")
 
@@ -33,10 +38,15 @@ log = logging.getLogger("btp.run")
 def main(cfg: DictConfig) -> dict:
     """Compose, run, return the final metrics (Hydra's return value for sweeps)."""
     from btp import runner
+    from btp.rundir import RunDir
 
     try:
-        btp.schema.check_known_keys(cfg)
-        runner.check_override_order(list(HydraConfig.get().overrides.task), cfg)
+        try:
+            btp.schema.check_known_keys(cfg)
+            runner.check_override_order(list(HydraConfig.get().overrides.task), cfg)
+        except UserError:
+            RunDir(HydraConfig.get().runtime.output_dir).restore_hydra()
+            raise
         return runner.run(cfg)
     except UserError as e:
         log.debug("user error", exc_info=True)
@@ -45,11 +55,22 @@ def main(cfg: DictConfig) -> dict:
             # One job of a sweep: let Hydra mark this job failed; sys.exit would end the whole
             # sweep under the basic launcher (SystemExit is not caught per job).
             raise
-        # One line on stderr: Hydra's console handler may not be attached (job_logging off).
-        sys.stderr.write(f"error: {e}\n")
-        sys.stderr.flush()
-        logging.shutdown()
-        sys.exit(2)
+        _exit_with_line(f"error: {e}", 2)
+    except RunInterrupted as e:
+        log.error("%s", e)
+        _exit_with_line(f"interrupted: {e}", e.exit_code)  # a sweep stops too, as on Ctrl-C
+
+
+def _exit_with_line(message: str, code: int) -> None:
+    """Write ``message`` as one line on stderr and exit with ``code``.
+
+    Written directly: Hydra's console handler may not be attached (job_logging off), and an
+    embedded exception text may hold line breaks.
+    """
+    sys.stderr.write(" ".join(message.split()) + "\n")
+    sys.stderr.flush()
+    logging.shutdown()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,31 @@
 """``run(cfg)``: one sequential-editing run from a composed config to ``summary.json``.
 
 Order of work (cheap checks first, so that bad input fails before a model is loaded):
-validate the config -> a finished run in the run dir (``summary.json``, same task/alg/model/seed)
-is returned as is (``btp.sweep.finished_summary``: re-submitted sweeps skip done jobs) -> seed -> read any checkpoint of this run dir (refuse a changed config) ->
-load data -> load model and tokenizer -> build the editor and let it check the stream -> restore
-the checkpoint or evaluate the unedited model -> the editing loop -> ``adapter/`` and
-``summary.json``. Errors the user can fix are ``btp.errors.UserError``; ``run.py`` turns them into
-one line on stderr and exit code 2, and no ``summary.json`` exists after a failed run.
+validate the config (types at compose time, ranges in ``btp.schema.check_values``) -> lock the run
+dir and remove temporary files of killed writers (``btp.rundir``) -> refuse a run dir holding a run
+of another result-changing config; return a finished run's summary as is -> read and verify any
+checkpoint -> record the config (``run_config.json``) -> seed -> load and check data -> load model
+and tokenizer -> build the editor and let it check the stream -> restore the checkpoint or evaluate
+the unedited model -> the editing loop -> ``adapter/`` and ``summary.json``.
+
+Errors the user can fix are ``btp.errors.UserError``; ``run.py`` turns them into one line on stderr
+and exit code 2, and no ``summary.json`` exists after a failed run. A full disk is a
+``DiskFullError`` (a ``UserError``); SIGINT/SIGTERM become ``RunInterrupted`` (exit 128 + signal).
+Both messages say that re-running the same command resumes from the last checkpoint. A command
+that does not run leaves the run dir's ``.hydra/`` files as the run that did run wrote them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,13 +33,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from btp import checkpoint as ckpt
 from btp import sweep
-from btp.errors import ConfigError, UserError
+from btp.errors import (ConfigError, DiskFullError, RunDirError, RunInterrupted, UserError,
+                        is_disk_full)
 from btp.evaluation import batched, lazy_batches, make_evaluator
 from btp.asked_alone import AskedAlone
 from btp.loop import EditingLoop, EvalSets, LoopState
 from btp.metrics import pack, unpack
 from btp.outputs import SUMMARY_FILE, MetricsLog, write_summary
-from btp.schema import TASK_KIND, alg_section
+from btp.rundir import RunDir
+from btp.schema import TASK_KIND, alg_section, check_values
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +93,8 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need no data or model; each failure says which override to add."""
     from btp.editors import EDITORS
 
+    check_values(cfg)
+
     if OmegaConf.is_missing(cfg, "task"):
         raise ConfigError("no experiment selected; add +experiment=qa, scotus or hallucination")
     if OmegaConf.is_missing(cfg.alg, "name"):
@@ -119,9 +133,17 @@ def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; an explicit CUDA device must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device={name!r} is not a torch device; use auto, cpu, cuda or "
+                          "cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available; use device=auto or cpu")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) "
+                          "are visible; use device=cuda:0 or auto")
     return device
 
 
@@ -149,6 +171,33 @@ def build_summary(cfg: DictConfig, state: LoopState) -> dict[str, Any]:
     return summary
 
 
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into ``RunInterrupted`` for the duration of a run.
+
+    Only where the handler is still Python's default: a launcher that installed its own (submitit
+    on SLURM handles SIGTERM for pre-emption and re-queueing) keeps it. Signal handlers can only
+    be set from the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    previous = {}
+    for sig, default in ((signal.SIGINT, signal.default_int_handler),
+                         (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(sig) is default:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = True
         ) -> dict[str, Any]:
     """Run the configured sequential-editing experiment; returns the summary dict.
@@ -157,45 +206,104 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
         cfg: the composed config (``btp.schema.Config``).
         run_dir: where outputs go; default Hydra's run directory.
         progress: show the tqdm bar.
-    """
-    from btp.data import Collator, load_task_data
-    from btp.editors import EDITORS
-    from btp.models import load_model_and_tokenizer
 
+    Raises:
+        UserError: bad input, a run dir that belongs to another run or process, a damaged
+            checkpoint, a full disk (``DiskFullError``).
+        RunInterrupted: SIGINT or SIGTERM arrived (the message says how to resume).
+    """
     start = time.time()
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
-    validate(cfg)
+    rundir = RunDir(Path(run_dir))
+    try:
+        with _signals_raise():
+            validate(cfg)
+            with rundir:
+                return _run_locked(cfg, rundir, progress, start)
+    except BaseException:
+        rundir.restore_hydra()  # a command that did not run must not describe the directory
+        raise
+
+
+def _run_locked(cfg: DictConfig, rundir: RunDir, progress: bool, start: float) -> dict[str, Any]:
+    """The body of :func:`run`, with the run dir locked."""
+    run_dir = rundir.path
+    rundir.remove_stale_tmp()
     task = _value(cfg.task)
-    # A re-submitted sweep reaches the same run dir: a finished run there is returned as is
-    # (a finished run of another configuration is refused).
-    done = sweep.finished_summary(run_dir, {"task": task, "alg": cfg.alg.name,
-                                            "model": cfg.model.name, "seed": cfg.seed})
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    identity = {"task": task, "alg": cfg.alg.name, "model": cfg.model.name, "seed": cfg.seed}
+    ckpt_dir = run_dir / "checkpoint"
+    # A finished run needs no checkpoint; a partial one is verified before anything else.
+    done = sweep.finished_summary(run_dir)
+    saved = ckpt.load(ckpt_dir) if done is None and cfg.checkpoint.enabled else None
+    rundir.check(config, identity, saved[1]["config"] if saved is not None else None)
     if done is not None:
         log.info("run dir %s: already finished, skipping (summary.json kept)", run_dir)
+        rundir.restore_hydra()
         return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if saved is not None:
+        ckpt.check_same_config(saved[1]["config"], config, ckpt_dir)
+
+    last_ckpt = _Checkpointed(saved[1]["batches_done"] if saved is not None else None,
+                              saved[1]["n_batches"] if saved is not None else None)
+    try:
+        rundir.claim(config)
+        (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
+        return _run_claimed(cfg, run_dir, config, saved, progress, start, last_ckpt)
+    except RunInterrupted as e:
+        raise RunInterrupted(e.signum, f"{e.signal_name} received: the run stopped; "
+                             f"{last_ckpt.resume_hint(run_dir)}") from None
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFullError(f"no space left on the disk of {run_dir} ({e}); free some space "
+                                f"and {last_ckpt.resume_hint(run_dir)}") from e
+        raise
+
+
+@dataclass
+class _Checkpointed:
+    """What the last checkpoint of this run holds (None: no checkpoint yet)."""
+
+    batches_done: int | None = None
+    n_batches: int | None = None
+
+    def resume_hint(self, run_dir: Path) -> str:
+        """How the run continues: from its last checkpoint, or from the start if it has none."""
+        if self.batches_done is None:
+            return (f"no checkpoint was written yet: re-running the same command "
+                    f"(hydra.run.dir={run_dir}) starts the run over")
+        return (f"re-run the same command (hydra.run.dir={run_dir}) to resume from its last "
+                f"checkpoint ({self.batches_done} of {self.n_batches} edit batches done)")
+
+
+def _run_claimed(cfg: DictConfig, run_dir: Path, config: dict[str, Any],
+                 saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, progress: bool,
+                 start: float, checkpointed: _Checkpointed) -> dict[str, Any]:
+    """Load data and model, restore or start, edit, write the outputs."""
+    from btp.data import Collator, check_labels, load_task_data
+    from btp.editors import EDITORS
+    from btp.models import load_model_and_tokenizer
+
+    task = _value(cfg.task)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     log.info("run dir %s; task %s, alg %s, model %s, device %s", run_dir, task, cfg.alg.name,
              cfg.model.name, device)
-
     ckpt_dir = run_dir / "checkpoint"
-    saved = ckpt.load(ckpt_dir) if cfg.checkpoint.enabled else None
-    if saved is not None:
-        ckpt.check_same_config(saved[1]["config"], config, ckpt_dir)
 
-    data = load_task_data(task, plain(cfg.data), Path(cfg.data_dir), cfg.max_n_edits)
+    data = load_task_data(task, plain(cfg.data), Path(cfg.data_dir), cfg.max_n_edits,
+                          cfg.model.num_labels)
     model_cfg = plain(cfg.model)
     model, tokenizer = load_model_and_tokenizer(model_cfg, device, seed=cfg.seed)
+    if _value(cfg.model.kind) == "classification":
+        check_labels(data, int(model.config.num_labels), str(cfg.model.name))
     collate = Collator(tokenizer, task, cfg.data.max_length, cfg.data.label_max_length)
     eval_bs = cfg.eval.batch_size or cfg.num_edit_per_block
     stream = batched(data.edits, edit_batch_size(cfg))
+    checkpointed.n_batches = len(stream)
     sets = EvalSets(upstream=batched(data.upstream, eval_bs),
                     holdout=batched(data.holdout, eval_bs) if data.holdout is not None else None,
                     accurate=batched(data.accurate, eval_bs) if data.accurate is not None else None)
@@ -209,14 +317,20 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
     wandb_id = None
     if saved is not None:
         tensors, js = saved
-        if js.get("n_batches") != len(stream):
+        if js["n_batches"] != len(stream):
             raise ConfigError(f"the checkpoint in {ckpt_dir} covers a stream of "
-                              f"{js.get('n_batches')} batches, the data now gives {len(stream)}; "
+                              f"{js['n_batches']} batches, the data now gives {len(stream)}; "
                               "use the same data or another hydra.run.dir")
-        editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items()
-                                if k.startswith("editor.")})
-        state = LoopState.from_json(js, unpack(tensors["refs.flat"], tensors["refs.offsets"]))
-        ckpt.set_rng_state(js["rng"], tensors)
+        try:
+            editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items()
+                                    if k.startswith("editor.")})
+            refs = unpack(tensors["refs.flat"], tensors["refs.offsets"])
+            state = LoopState.from_json(js, refs)
+            ckpt.set_rng_state(js["rng"], tensors)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise RunDirError(
+                f"checkpoint {ckpt_dir / ckpt.FILE_NAME} does not fit this run ({type(e).__name__}: "
+                f"{e}); delete it to start the run over, or use another hydra.run.dir") from e
         wandb_id = js.get("wandb_id")
         log.info("resuming from %s: %d of %d batches done", ckpt_dir, state.batches_done,
                  len(stream))
@@ -234,6 +348,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
         tensors.update(rng_tensors)
         ckpt.save(ckpt_dir, tensors, {**st.to_json(), "rng": rng_js, "config": config,
                                       "n_batches": len(stream), "wandb_id": metrics_log.wandb_id})
+        checkpointed.batches_done = st.batches_done
 
     alone = AskedAlone(stream, data.holdout, cfg.eval.alone_records, cfg.seed)
     loop = EditingLoop(editor, evaluator, collate, stream, sets, cfg.metric_period, metrics_log,

@@ -4,7 +4,8 @@ The dataclasses below are registered in Hydra's ConfigStore as ``schema`` and ar
 of ``config/config.yaml``'s defaults list. Every YAML file and command-line override is merged
 onto them, so a key that is not declared here (a typo such as ``melo.num_iters=3`` or
 ``+melo.num_iters=3``) or a value of the wrong type fails when Hydra composes the config, before
-any model or data is touched.
+any model or data is touched. Value ranges (sizes, lengths, rates, radii, steps, weights, seeds,
+the device string) are in :data:`VALUE_RULES` at the end of this file (:func:`check_values`).
 
 Defaults of the algorithm sections are the original MELO values for the qa experiment; the
 ``experiment/*.yaml`` files change only what differs per task ("experiments as deltas").
@@ -312,3 +313,83 @@ def check_known_keys(cfg: DictConfig) -> None:
                           "(check the spelling; see config/config.yaml)") from e
     except ValidationError as e:
         raise ConfigError(f"bad value for '{e.full_key}': {e.msg}") from e
+
+
+# -- value ranges -------------------------------------------------------------------------------
+# The dataclasses above fix each key's type; the table below fixes the range of the keys that have
+# one, per section ("" = top level). Checked before anything is loaded (``btp.runner.validate``).
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _optional(rule: Any) -> Any:
+    return lambda v: v is None or rule(v)
+
+
+_POS_INT = (lambda v: _is_int(v) and v >= 1, "use an integer >= 1")
+_OPT_POS_INT = (_optional(_POS_INT[0]), "use an integer >= 1 (or null for the default)")
+_POS_REAL = (lambda v: _is_real(v) and v > 0, "use a finite number > 0")
+_OPT_POS_REAL = (_optional(_POS_REAL[0]), "use a finite number > 0 (or null for the default)")
+_NONNEG_REAL = (lambda v: _is_real(v) and v >= 0, "use a finite number >= 0")
+_SEED = (lambda v: _is_int(v) and 0 <= v < 2**32, "use an integer in [0, 2**32 - 1] (numpy's seeds)")
+
+#: ``section -> key -> (check, what to use)``; a key absent from the composed config is skipped
+#: (tests assert that every key named here exists in the schema).
+VALUE_RULES: dict[str, dict[str, tuple[Any, str]]] = {
+    "": {"max_n_edits": (_optional(_POS_INT[0]), "use an integer >= 1 (or null for the whole "
+                                                 "stream)"),
+         "seed": _SEED, "num_edit_per_block": _POS_INT, "metric_period": _POS_INT},
+    "data": {"n_upstream": _OPT_POS_INT, "max_length": _OPT_POS_INT,
+             "label_max_length": _OPT_POS_INT, "edit_permutation_seed": _SEED},
+    "eval": {"max_length": _POS_INT, "batch_size": _OPT_POS_INT},
+    "melo": {"num_block": _POS_INT, "num_rank_per_block": _POS_INT, "init_radius": _POS_REAL,
+             "lora_dropout": (lambda v: _is_real(v) and 0 <= v < 1, "use a probability in [0, 1)"),
+             "num_iter": _POS_INT, "edit_lr": _POS_REAL, "lr_step_size": _POS_INT,
+             "lr_gamma": (lambda v: _is_real(v) and 0 < v <= 1, "use a decay factor in (0, 1]")},
+    "grace": {"init_radius": _POS_REAL, "edit_lr": _POS_REAL, "num_iter": _POS_INT,
+              "batch_size": _OPT_POS_INT},
+    "ft": {"num_iter": _POS_INT, "edit_lr": _POS_REAL, "batch_size": _OPT_POS_INT},
+    "ewc": {"lambda_": _NONNEG_REAL, "fisher_n_batches": _POS_INT},
+    "plain_lora": {"r": _OPT_POS_INT, "alpha": _OPT_POS_REAL, "num_iter": _POS_INT,
+                   "edit_lr": _POS_REAL, "batch_size": _OPT_POS_INT},
+    "model": {"num_labels": (_optional(lambda v: _is_int(v) and v >= 2),
+                             "use an integer >= 2 (or null: the checkpoint's own)")},
+}
+
+#: ``device`` values: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``.
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse values outside their range (:data:`VALUE_RULES`) and unknown device strings.
+
+    Raises:
+        btp.errors.ConfigError: one line naming the key, the value and what to use.
+    """
+    import re
+
+    from btp.errors import ConfigError
+
+    for section, rules in VALUE_RULES.items():
+        node = cfg if not section else cfg.get(section)
+        if node is None:
+            continue
+        for key, (ok, fix) in rules.items():
+            if key not in node or OmegaConf.is_missing(node, key):
+                continue
+            value = node[key]
+            if not ok(value):
+                name = f"{section}.{key}" if section else key
+                raise ConfigError(f"{name}={value!r} is out of range: {fix}")
+    device = str(cfg.get("device", "auto"))
+    if re.fullmatch(DEVICE_PATTERN, device) is None:
+        raise ConfigError(f"device={device!r} is not a device this runner can use: use auto, cpu, "
+                          "cuda, cuda:N or mps")

@@ -2,18 +2,16 @@
 
 A sweep is a Hydra multirun (``python run.py -m ...``), locally or on SLURM through
 ``hydra/launcher=slurm`` (``config/hydra/launcher/slurm.yaml``). ``config/config.yaml`` names each
-job's directory after its overrides (``hydra.sweep.subdir``), so re-submitting the same command with the same
-``hydra.sweep.dir`` reaches the same run directories. What a job then does there:
+job's directory after its overrides (``hydra.sweep.subdir``), so re-submitting the same command
+with the same ``hydra.sweep.dir`` reaches the same run directories. What a job then does there
+(``btp.runner.run``, with the run directory locked by ``btp.rundir.RunDir``):
 
-* ``summary.json`` present (:func:`finished`): the run completed; skip it and return that summary
-  (:func:`finished_summary`), so that a re-submitted sweep only redoes what is missing. The
-  runner calls it first thing in ``btp.runner.run``::
-
-      done = sweep.finished_summary(run_dir, {"task": task, "alg": cfg.alg.name,
-                                               "model": cfg.model.name, "seed": cfg.seed})
-      if done is not None:
-          return done
-* a checkpoint but no summary: the runner resumes from the checkpoint (``btp/checkpoint.py``).
+* ``summary.json`` present (:func:`finished_summary`): the run completed. If its recorded config
+  (``run_config.json``) has the same result-changing values, the job is skipped and returns that
+  summary, so that a re-submitted sweep only redoes what is missing; if not, the job is refused
+  with the differing keys named (``btp.rundir.RunDir.check``).
+* a checkpoint but no summary: the runner resumes from the checkpoint (``btp/checkpoint.py``),
+  under the same rule.
 * neither: a fresh run.
 
 :func:`wandb_group` gives every run of one sweep the same wandb group (the sweep's name) unless
@@ -49,7 +47,8 @@ def finished_summary(run_dir: str | Path, expected: Mapping[str, Any] | None = N
         expected: the identity of the run about to start (``task``, ``alg``, ``model``, ``seed``,
             as in summary.json). A finished run in ``run_dir`` that differs is not silently taken
             for this one (which a sweep directory reused for another sweep command would do):
-            that raises ``ConfigError``.
+            that raises ``ConfigError``. The runner compares the whole result-changing config
+            instead (``btp.rundir``); this identity check serves callers without a config.
 
     A summary that is not a readable JSON object counts as unfinished: the run is redone rather
     than trusted (the runner writes it atomically, so this only happens if it was damaged later).

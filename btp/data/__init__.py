@@ -52,7 +52,7 @@ from btp.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskData", "Collator", "load_task_data", "TASKS"]
+__all__ = ["TaskData", "Collator", "load_task_data", "check_labels", "TASKS"]
 
 TASKS = ("qa", "scotus", "hallucination")
 _ALIASES = {"zsre": "qa", "hallucinations": "hallucination"}
@@ -62,7 +62,8 @@ DEFAULT_QA_EDITS = 1000
 
 
 def load_task_data(
-    task: str, data_cfg: Any, data_dir: Path | str, max_n_edits: int | None
+    task: str, data_cfg: Any, data_dir: Path | str, max_n_edits: int | None,
+    num_labels: int | None = None,
 ) -> TaskData:
     """Load the edit stream, upstream, holdout and accurate sets of ``task``.
 
@@ -71,10 +72,14 @@ def load_task_data(
         data_cfg: the data config section (keys in the module docstring), a dict, or ``None``.
         data_dir: root of the data layout (the shipped sample or what download.sh filled).
         max_n_edits: cap on the edit stream; ``None`` means the task's default (see above).
+        num_labels: classification (scotus): the model's label count; a label outside
+            ``0 .. num_labels - 1`` is refused with its file and line. ``None``: checked later
+            with :func:`check_labels` once the model is loaded.
 
     Raises:
         DataError: unknown task, missing file (names it and says to run download.sh), malformed
-            record (file and line), or an unusable option value.
+            record (file and line: not UTF-8, not JSON, a field of the wrong type, an empty
+            question/answer/text, a label outside the label set), or an unusable option value.
     """
     task = str(getattr(task, "value", task))  # a str Enum from the schema -> its plain value
     task = _ALIASES.get(task, task)
@@ -83,7 +88,12 @@ def load_task_data(
     def get(key: str, default: Any) -> Any:
         return cfg_get(data_cfg, key, default)
 
-    n_upstream = int(get("n_upstream", 1000))
+    n_upstream = get("n_upstream", 1000)
+    if isinstance(n_upstream, bool) or not isinstance(n_upstream, int) or n_upstream < 1:
+        raise DataError(f"data.n_upstream={n_upstream!r}: use an integer >= 1")
+    if max_n_edits is not None and (isinstance(max_n_edits, bool)
+                                    or not isinstance(max_n_edits, int) or max_n_edits < 1):
+        raise DataError(f"max_n_edits={max_n_edits!r}: use an integer >= 1 (or null)")
     if task == "qa":
         from btp.data.zsre import load_qa
 
@@ -93,7 +103,7 @@ def load_task_data(
     elif task == "scotus":
         from btp.data.scotus import load_scotus
 
-        edits, upstream = load_scotus(data_dir, max_n_edits, n_upstream, get)
+        edits, upstream = load_scotus(data_dir, max_n_edits, n_upstream, get, num_labels)
         data = TaskData(edits=edits, upstream=upstream)
     elif task == "hallucination":
         from btp.data.hallucination import load_hallucination
@@ -106,3 +116,22 @@ def load_task_data(
         raise DataError(f"task '{task}': no edit records found under {data_dir}")
     log.info("task %s data from %s: %s", task, data_dir, data.counts())
     return data
+
+
+def check_labels(data: TaskData, num_labels: int, model_name: str) -> None:
+    """Refuse class labels the model cannot predict (``0 .. num_labels - 1``).
+
+    The loaders already check their own label set with file and line; this catches a model with
+    fewer labels than the data (e.g. a checkpoint whose head was trained on another label set).
+    Indices count records in stream order (SCOTUS keeps file order).
+
+    Raises:
+        DataError: naming the part, the record index, the label and the model.
+    """
+    for part, records in (("edit stream", data.edits), ("upstream set", data.upstream)):
+        for i, rec in enumerate(records):
+            label = rec["label"]
+            if not isinstance(label, int) or not 0 <= label < num_labels:
+                raise DataError(f"{part}, record {i}: label {label!r} is outside the labels "
+                                f"0..{num_labels - 1} of model {model_name}; fix the data or use "
+                                "a model with that label set")

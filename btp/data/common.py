@@ -80,14 +80,37 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError, lineno: int | None = None
+              ) -> DataError:
+    """A one-line error for bytes that are not UTF-8: file, line and the offending byte."""
+    if lineno is None:
+        lineno = data[: e.start].count(b"\n") + 1
+    return DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                     "re-save the file as UTF-8")
+
+
+def read_text(path: Path) -> str:
+    """A whole text file as UTF-8; bytes that are not UTF-8 are a ``DataError`` with the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data, e) from e
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
     """Yield ``(line_number, object)`` for each non-empty line of a JSON-lines file.
 
     Raises:
-        DataError: a line that is not a JSON object, with the file and 1-based line number.
+        DataError: a line that is not UTF-8 or not a JSON object, with the file and 1-based line
+            number.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, raw, e, lineno) from e
             if not line.strip():
                 continue
             try:
@@ -100,12 +123,34 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
 
 
 def read_json(path: Path) -> Any:
-    """Load a whole JSON document; a syntax error names the file and line."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from e
+    """Load a whole JSON document; bytes that are not UTF-8 or a syntax error name the file and
+    line."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from e
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string"
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def text_field(value: Any, where: str, name: str) -> str:
+    """``value`` if it is a non-empty string, else a ``DataError`` naming ``where`` and ``name``.
+
+    Args:
+        value: the field's value in the record.
+        where: ``"<file>, line N"`` or ``"<file>, record i"``.
+        name: the field (``'input'``, ``'questions'[3]``, ...).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: {name} must be a non-empty string, got {_describe(value)}")
+    return value
 
 
 def take(records: list[Record], n: int | None, what: str) -> list[Record]:

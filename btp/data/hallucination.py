@@ -18,6 +18,11 @@ Upstream (``data.upstream_source``): ``hub`` (``stas/openwebtext-10k`` split ``t
 (``openwebtext/openwebtext-10k.jsonl``, one ``{"text": ...}`` per line, what download.sh writes),
 ``txt`` (``openwebtext/*.txt``, one document per file, sorted by name: the shipped sample),
 ``auto`` (default: ``jsonl``, else ``txt``). Records are ``{"text": doc, "label": ""}``.
+
+Checks (with the row index or file and line): ``gpt3_sentences`` a list of strings,
+``annotation`` a list of labels from :data:`ANNOTATIONS`, ``wiki_bio_text`` a string, every file
+UTF-8. Empty GPT-3 sentences, concepts and WebText documents are kept as the data set has them
+and logged as a warning (they still give a well-formed prompt or perplexity record).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from btp.data.common import (
     load_hub_split,
     read_json,
     read_jsonl,
+    read_text,
     require_file,
     take,
 )
@@ -40,6 +46,34 @@ from btp.data.sentences import get_splitter
 log = logging.getLogger(__name__)
 
 HEADER = "This is a Wikipedia passage about {concept}."
+#: The label set of wiki_bio_gpt3_hallucination's ``annotation`` column.
+ANNOTATIONS = ("accurate", "minor_inaccurate", "major_inaccurate")
+
+
+def _check_row(row: Any, where: str) -> tuple[list[str], list[str], str]:
+    """``(gpt3_sentences, annotation, wiki_bio_text)`` of a row, type-checked."""
+    try:
+        gpt3 = row["gpt3_sentences"]
+        annotation = row["annotation"]
+        wiki = row["wiki_bio_text"]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{where}: missing key {e}") from e
+    for name, value in (("gpt3_sentences", gpt3), ("annotation", annotation)):
+        if not isinstance(value, list):
+            raise DataError(f"{where}: '{name}' must be a list, got {type(value).__name__}")
+    for j, sentence in enumerate(gpt3):
+        if not isinstance(sentence, str):
+            raise DataError(f"{where}: 'gpt3_sentences'[{j}] must be a string, got "
+                            f"{type(sentence).__name__}")
+        if not sentence.strip():
+            log.warning("%s: 'gpt3_sentences'[%d] is empty", where, j)
+    for j, ann in enumerate(annotation):
+        if ann not in ANNOTATIONS:
+            raise DataError(f"{where}: 'annotation'[{j}] is {ann!r}, not one of "
+                            f"{', '.join(ANNOTATIONS)}")
+    if not isinstance(wiki, str):
+        raise DataError(f"{where}: 'wiki_bio_text' must be a string, got {type(wiki).__name__}")
+    return gpt3, annotation, wiki
 
 
 def split_passages(
@@ -51,18 +85,14 @@ def split_passages(
     """``(edits, accurate)`` from WikiBio GPT-3 rows and their concepts, in file order.
 
     Raises:
-        DataError: a row without ``gpt3_sentences``/``annotation``/``wiki_bio_text``, or with
-            different numbers of sentences and annotations.
+        DataError: a row without ``gpt3_sentences``/``annotation``/``wiki_bio_text``, with values
+            of the wrong type or an annotation outside :data:`ANNOTATIONS`, or with different
+            numbers of sentences and annotations.
     """
     edits: list[Record] = []
     accurate: list[Record] = []
     for i, (row, concept) in enumerate(zip(rows, concepts)):
-        try:
-            gpt3 = row["gpt3_sentences"]
-            annotation = row["annotation"]
-            wiki = row["wiki_bio_text"]
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{where}, row {i}: missing key {e}") from e
+        gpt3, annotation, wiki = _check_row(row, f"{where}, row {i}")
         if len(gpt3) != len(annotation):
             raise DataError(
                 f"{where}, row {i}: {len(gpt3)} gpt3_sentences but {len(annotation)} annotations"
@@ -72,7 +102,7 @@ def split_passages(
         header = HEADER.format(concept=concept)
         for j, ann in enumerate(annotation):
             text = f"{header} {' '.join(gpt3[:j])}"
-            if "inaccurate" in ann:
+            if ann != "accurate":
                 if not wiki_sents:
                     raise DataError(f"{where}, row {i}: empty wiki_bio_text")
                 label = wiki_sents[min(j, n - 1, len(wiki_sents) - 1)]
@@ -90,7 +120,7 @@ def read_concepts(path: Path, n_rows: int) -> list[str]:
             ``wiki_bio``, which we cannot).
     """
     require_file(path, "wiki_bio concepts")
-    concepts = path.read_text(encoding="utf-8").splitlines()
+    concepts = read_text(path).splitlines()
     if len(concepts) < n_rows:
         raise DataError(
             f"{path}: {len(concepts)} concepts for {n_rows} passages; the file must have one "
@@ -98,10 +128,14 @@ def read_concepts(path: Path, n_rows: int) -> list[str]:
         )
     if len(concepts) > n_rows:
         log.info("%s: using the first %d of %d concepts", path, n_rows, len(concepts))
+    for lineno, concept in enumerate(concepts[:n_rows], start=1):
+        if not concept.strip():
+            log.warning("%s, line %d: empty concept", path, lineno)
     return concepts[:n_rows]
 
 
-def _load_rows(data_dir: Path, get: Any) -> list[dict[str, Any]]:
+def _load_rows(data_dir: Path, get: Any) -> tuple[list[dict[str, Any]], str]:
+    """The WikiBio GPT-3 rows and where they came from (for messages)."""
     source = str(get("hallucination_source", "auto")).lower()
     path = data_dir / get("hallucination_file", "hallucination/wikibio_gpt3_hallucination.json")
     if source == "auto":
@@ -112,13 +146,13 @@ def _load_rows(data_dir: Path, get: Any) -> list[dict[str, Any]]:
             hub_id, "evaluation", "hallucination", "run ./download.sh and set "
             "data.hallucination_source=json"
         )
-        return ds.to_list()
+        return ds.to_list(), f"{hub_id} (evaluation)"
     if source != "json":
         raise DataError(f"data.hallucination_source must be auto, hub or json, got '{source}'")
     data = read_json(require_file(path, "WikiBio GPT-3 hallucination"))
     if not isinstance(data, dict) or not isinstance(data.get("evaluation"), list):
         raise DataError(f"{path}: expected {{\"evaluation\": [rows]}} (the HF split as JSON)")
-    return data["evaluation"]
+    return data["evaluation"], f"{path} 'evaluation'"
 
 
 def load_upstream_webtext(data_dir: Path, n_upstream: int | None, get: Any) -> list[Record]:
@@ -144,6 +178,10 @@ def load_upstream_webtext(data_dir: Path, n_upstream: int | None, get: Any) -> l
         if n_upstream is not None:
             ds = ds.select(range(min(n_upstream, len(ds))))
         docs = list(ds["text"])
+        for i, doc in enumerate(docs):
+            if not isinstance(doc, str):
+                raise DataError(f"{hub_id} (train), row {i}: 'text' must be a string, got "
+                                f"{type(doc).__name__}")
     elif source == "jsonl":
         require_file(jsonl, "OpenWebText")
         docs = []
@@ -157,9 +195,12 @@ def load_upstream_webtext(data_dir: Path, n_upstream: int | None, get: Any) -> l
         files = sorted(folder.glob("*.txt"))
         if not files:
             raise DataError(f"no *.txt documents in {folder}; run ./download.sh")
-        docs = [p.read_text(encoding="utf-8") for p in files[: n_upstream or None]]
+        docs = [read_text(p) for p in files[: n_upstream or None]]
     else:
         raise DataError(f"data.upstream_source must be auto, hub, jsonl or txt, got '{source}'")
+    empty = sum(1 for d in docs if not d.strip())
+    if empty:
+        log.warning("OpenWebText (%s): %d empty document(s) among %d", source, empty, len(docs))
     return take([{"text": d, "label": ""} for d in docs], n_upstream, f"OpenWebText ({source})")
 
 
@@ -167,11 +208,11 @@ def load_hallucination(
     data_dir: Path, n_edits: int | None, n_upstream: int | None, get: Any
 ) -> tuple[list[Record], list[Record], list[Record]]:
     """``(edits, accurate, upstream)`` for the hallucination task."""
-    rows = _load_rows(data_dir, get)
+    rows, where = _load_rows(data_dir, get)
     concepts = read_concepts(
         data_dir / get("concepts_file", "hallucination/wiki_bio_concepts.txt"), len(rows)
     )
     splitter = get_splitter(str(get("sentence_splitter", "auto")))
-    edits, accurate = split_passages(rows, concepts, splitter)
+    edits, accurate = split_passages(rows, concepts, splitter, where)
     upstream = load_upstream_webtext(data_dir, n_upstream, get)
     return take(edits, n_edits, "hallucination edits"), accurate, upstream

@@ -15,6 +15,11 @@ Sources (``data.scotus_source``):
   exists, else a ``DataError`` (the hub is used only when asked for, since it needs network).
 
 Edits keep file order (no shuffle), as in the original.
+
+Every record is checked where it is read, with its file and line (JSON-lines) or row (CSV, hub):
+the text must be a non-empty string, the label an integer in the label set (LexGLUE: issue areas
+1..14; every source: below the model's ``num_labels`` when the config gives it; the runner checks
+the loaded model's own label count as well).
 """
 
 from __future__ import annotations
@@ -23,27 +28,66 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from btp.data.common import DataError, Record, load_hub_split, read_jsonl, require_file, take
+from btp.data.common import (
+    DataError,
+    Record,
+    load_hub_split,
+    read_jsonl,
+    require_file,
+    take,
+    text_field,
+)
 
 log = logging.getLogger(__name__)
 
+#: LexGLUE SCOTUS codes 14 issue areas, ``issueArea`` 1..14 (label = issueArea - 1).
+LEXGLUE_ISSUE_AREAS = 14
 
-def _rows_to_records(rows: Any, what: str) -> list[Record]:
-    """``text``/``label`` columns of a ``datasets.Dataset`` to records with int labels."""
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int when it is one (or an integral float, or a string of digits)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def check_label(label: int, where: str, num_labels: int | None, shown: Any = None) -> int:
+    """``label`` when it is in ``0 .. num_labels - 1`` (or >= 0 when the count is unknown)."""
+    if label < 0 or (num_labels is not None and label >= num_labels):
+        allowed = f"0..{num_labels - 1}" if num_labels is not None else "labels >= 0"
+        raise DataError(f"{where}: label {shown if shown is not None else label!r} is outside the "
+                        f"label set ({allowed}); fix the record or model.num_labels")
+    return label
+
+
+def _rows_to_records(rows: Any, what: str, num_labels: int | None = None) -> list[Record]:
+    """``text``/``label`` columns of a ``datasets.Dataset`` to records with int labels.
+
+    CSV row i is on data line i + 2 (1-based, after the header) unless texts hold newlines, so
+    messages give the row.
+    """
     missing = {"text", "label"} - set(rows.column_names)
     if missing:
         raise DataError(f"{what}: missing column(s) {sorted(missing)}; need 'text' and 'label'")
     out: list[Record] = []
     for i, (text, label) in enumerate(zip(rows["text"], rows["label"])):
-        try:
-            out.append({"text": str(text), "label": int(label)})
-        except (TypeError, ValueError) as e:
-            # CSV row i is on data line i+2 (1-based, after the header) unless texts hold newlines.
-            raise DataError(f"{what}, row {i}: label {label!r} is not an integer") from e
+        where = f"{what}, row {i}"
+        value = _integer(label)
+        if value is None:
+            raise DataError(f"{where}: label {label!r} is not an integer")
+        out.append({"text": text_field(text, where, "'text'"),
+                    "label": check_label(value, where, num_labels)})
     return out
 
 
-def load_scotus_csv(train_csv: Path, test_csv: Path) -> tuple[list[Record], list[Record]]:
+def load_scotus_csv(train_csv: Path, test_csv: Path, num_labels: int | None = None
+                    ) -> tuple[list[Record], list[Record]]:
     """``(upstream, edits)`` from local grace-scotus CSV exports (columns ``text``, ``label``)."""
     import datasets
 
@@ -55,24 +99,31 @@ def load_scotus_csv(train_csv: Path, test_csv: Path) -> tuple[list[Record], list
             rows = datasets.load_dataset("csv", data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 - pandas/arrow parse errors have many types
             raise DataError(f"{path}: could not parse as CSV ({type(e).__name__}: {e})") from e
-        out.append(_rows_to_records(rows, str(path)))
+        out.append(_rows_to_records(rows, str(path), num_labels))
     return out[0], out[1]
 
 
-def load_scotus_lexglue(path: Path) -> tuple[list[Record], list[Record]]:
+def load_scotus_lexglue(path: Path, num_labels: int | None = None
+                        ) -> tuple[list[Record], list[Record]]:
     """``(upstream, edits)`` from LexGLUE's raw ``scotus.jsonl`` (see the module docstring)."""
     require_file(path, "SCOTUS (LexGLUE scotus.jsonl)")
     upstream: list[Record] = []
     edits: list[Record] = []
     for lineno, rec in read_jsonl(path):
+        where = f"{path}, line {lineno}"
         try:
             text, area, split = rec["text"], rec["issueArea"], rec["data_type"]
-            label = int(area) - 1
-        except (KeyError, TypeError, ValueError) as e:
+        except KeyError as e:
             raise DataError(
-                f"{path}, line {lineno}: not a LexGLUE SCOTUS record (needs 'text', an integer "
-                f"'issueArea' and 'data_type'; got error {e!r})"
+                f"{where}: not a LexGLUE SCOTUS record (needs 'text', an integer 'issueArea' and "
+                f"'data_type'; missing {e})"
             ) from e
+        text_field(text, where, "'text'")
+        number = _integer(area)
+        if number is None or not 1 <= number <= LEXGLUE_ISSUE_AREAS:
+            raise DataError(f"{where}: 'issueArea' {area!r} is outside LexGLUE's issue areas "
+                            f"1..{LEXGLUE_ISSUE_AREAS}")
+        label = check_label(number - 1, where, num_labels, f"{number - 1} (issueArea {area!r})")
         if split == "train":
             upstream.append({"text": text, "label": label})
         elif split in ("dev", "test"):
@@ -83,9 +134,11 @@ def load_scotus_lexglue(path: Path) -> tuple[list[Record], list[Record]]:
 
 
 def load_scotus(
-    data_dir: Path, n_edits: int | None, n_upstream: int | None, get: Any
+    data_dir: Path, n_edits: int | None, n_upstream: int | None, get: Any,
+    num_labels: int | None = None,
 ) -> tuple[list[Record], list[Record]]:
-    """``(edits, upstream)`` for the scotus task; ``get(key, default)`` reads ``data_cfg``."""
+    """``(edits, upstream)`` for the scotus task; ``get(key, default)`` reads ``data_cfg``;
+    labels must lie below ``num_labels`` when it is given."""
     source = str(get("scotus_source", "auto")).lower()
     train_csv = data_dir / "scotus" / "train.csv"
     test_csv = data_dir / "scotus" / "test.csv"
@@ -105,12 +158,14 @@ def load_scotus(
     if source == "hub":
         hub_id = get("scotus_hub_id", "tomh/grace-scotus")
         hint = "run ./download.sh and set data.scotus_source=csv"
-        upstream = _rows_to_records(load_hub_split(hub_id, "train", "SCOTUS", hint), hub_id)
-        edits = _rows_to_records(load_hub_split(hub_id, "test", "SCOTUS", hint), hub_id)
+        upstream = _rows_to_records(load_hub_split(hub_id, "train", "SCOTUS", hint),
+                                    f"{hub_id} (train)", num_labels)
+        edits = _rows_to_records(load_hub_split(hub_id, "test", "SCOTUS", hint),
+                                 f"{hub_id} (test)", num_labels)
     elif source == "csv":
-        upstream, edits = load_scotus_csv(train_csv, test_csv)
+        upstream, edits = load_scotus_csv(train_csv, test_csv, num_labels)
     elif source == "lexglue":
-        upstream, edits = load_scotus_lexglue(jsonl)
+        upstream, edits = load_scotus_lexglue(jsonl, num_labels)
     else:
         raise DataError(f"data.scotus_source must be auto, hub, csv or lexglue, got '{source}'")
     return take(edits, n_edits, "SCOTUS edits"), take(upstream, n_upstream, "SCOTUS upstream")

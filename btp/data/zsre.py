@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from btp.data.common import DataError, Record, read_json, read_jsonl, require_file, take
+from btp.data.common import DataError, Record, read_json, read_jsonl, require_file, take, text_field
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def select_mend(
     first ``n_edits`` candidates. Holdout keeps every item of the records walked, in file order.
 
     Raises:
-        DataError: a record without the keys above (file and line number in the message).
+        DataError: a record without the keys above, or whose question, answer or rephrases are
+            not non-empty strings (file and line number in the message).
     """
     seen: set[str] = set()
     candidates: list[Record] = []
@@ -74,10 +75,14 @@ def select_mend(
                 f"{path}, line {lineno}: not a MEND zsRE record (needs 'input', "
                 f"'filtered_rephrases', 'output[0].answer'; missing {e})"
             ) from e
-        if not isinstance(question, str) or not isinstance(answer, str) or not isinstance(
-            rephrases, list
-        ):
-            raise DataError(f"{path}, line {lineno}: 'input'/'output[0].answer' must be strings")
+        where = f"{path}, line {lineno}"
+        text_field(question, where, "'input'")
+        text_field(answer, where, "'output[0].answer'")
+        if not isinstance(rephrases, list):
+            raise DataError(f"{where}: 'filtered_rephrases' must be a list of strings, got "
+                            f"{type(rephrases).__name__}")
+        for j, rephrase in enumerate(rephrases):
+            text_field(rephrase, where, f"'filtered_rephrases'[{j}]")
         if not rephrases or answer in seen:
             continue
         seen.add(answer)
@@ -101,7 +106,8 @@ def select_rome(
     :func:`select_mend`, holdout stays in file order.
 
     Raises:
-        DataError: not a JSON array, or a record without those keys (with its index).
+        DataError: not a JSON array, or a record without those keys or with a value that is not a
+            non-empty string (with its index).
     """
     data = read_json(path)
     if not isinstance(data, list):
@@ -117,6 +123,13 @@ def select_rome(
                 f"{path}, record {i}: not a ROME zsRE record (needs 'src', 'rephrase', "
                 f"'answers[0]'; missing {e})"
             ) from e
+        where = f"{path}, record {i}"
+        if not isinstance(rec["answers"], list):
+            raise DataError(f"{where}: 'answers' must be a list of strings, got "
+                            f"{type(rec['answers']).__name__}")
+        text_field(src, where, "'src'")
+        text_field(rephrase, where, "'rephrase'")
+        text_field(answer, where, "'answers[0]'")
         edits.append({"text": src, "label": answer})
         holdout.append(_holdout_record(rephrase, answer, holdout_swap_bug))
     return permute(edits, seed), holdout
@@ -126,12 +139,19 @@ def load_nq(path: Path, n_upstream: int | None) -> list[Record]:
     """The first ``n_upstream`` pairs of an NQ file ``{"questions": [...], "answers": [...]}``.
 
     Raises:
-        DataError: missing keys or lists of different lengths.
+        DataError: missing keys, values that are not lists of non-empty strings (with the index),
+            or lists of different lengths.
     """
     data = read_json(path)
     if not isinstance(data, dict) or "questions" not in data or "answers" not in data:
         raise DataError(f"{path}: expected an object with 'questions' and 'answers' lists")
     questions, answers = data["questions"], data["answers"]
+    for key, values in (("questions", questions), ("answers", answers)):
+        if not isinstance(values, list):
+            raise DataError(f"{path}: '{key}' must be a list of strings, got "
+                            f"{type(values).__name__}")
+        for i, value in enumerate(values):
+            text_field(value, str(path), f"'{key}'[{i}]")
     if len(questions) != len(answers):
         raise DataError(
             f"{path}: 'questions' ({len(questions)}) and 'answers' ({len(answers)}) differ in length"
