@@ -13,7 +13,8 @@ Defaults of the algorithm sections are the original MELO values for the qa exper
 Which algorithm reads which section (see :func:`alg_section`):
 ``melo`` -> ``melo``; ``grace`` -> ``grace``; ``ft`` -> ``ft``; ``ft_ewc`` -> ``ft`` merged with
 ``ewc``; ``plain_lora`` -> ``melo`` merged with ``plain_lora``. The edit stream is cut into batches of the
-section's ``batch_size`` (GRACE: 1); a null or absent one (MELO) means ``num_edit_per_block``.
+section's ``batch_size`` (GRACE, FT and FT+EWC: 1, as the GRACE repository edits); a null or
+absent one (MELO) means ``num_edit_per_block``.
 """
 
 from __future__ import annotations
@@ -161,35 +162,49 @@ class MeloCfg:
 
 @dataclass
 class GraceCfg:
-    """GRACE baseline (codebook at ``model.grace_baseline_layer`` unless ``layer`` is set)."""
+    """GRACE baseline as the GRACE repository runs it (``btp/editors/grace.py``): codebook at
+    ``model.grace_baseline_layer`` unless ``layer`` is set; one record per edit, only records the
+    model gets wrong."""
 
     layer: Optional[str] = None
     init_radius: float = 1.0
-    edit_lr: float = 1.0
+    edit_lr: float = 1.0  # Adam
     num_iter: int = 100
-    replacement: str = "replace_last"
-    batch_size: Optional[int] = 1  # GRACE edits one record at a time; null = num_edit_per_block
-    label_match: LabelMatch = LabelMatch.exact
+    replacement: str = "replace_prompt"  # replace_prompt | replace_last | replace_all
+    batch_size: Optional[int] = 1  # records per edit; null = num_edit_per_block
+    error_filter: str = "original"  # original | exact | none (btp.editors.common.records_to_edit)
+    label_match: str = "mean"  # mean (the original's hash) | exact
     key_id: int = -1  # key token position (as melo.key_id)
-    key_position: KeyPosition = KeyPosition.padded  # padded: key_id of the padded batch
+    key_position: str = "auto"  # auto (where the original's key falls) | padded | last_real
+    val_init: str = "cold"  # cold (uniform [0, 1)) | warm (the layer output at the key token)
+    eps_expand: str = "coverage"  # coverage | moving_average
+    val_train: str = "sgd"  # sgd (plain training) | adv (noise on the batch's other values)
 
 
 @dataclass
 class FtCfg:
-    """Plain fine-tuning baseline (also the base of ``ft_ewc``)."""
+    """Fine-tuning baseline as the GRACE repository runs it (also the base of ``ft_ewc``): the
+    weight of one layer, Adam, early stop, one record per edit, only records the model gets
+    wrong (``btp/editors/ft.py``)."""
 
-    num_iter: int = 50
-    edit_lr: float = 1e-4
+    layer: Optional[str] = None  # null: GRACE's layer (model.grace_baseline_layer, ...)
+    num_iter: int = 100  # at most; early_stop ends sooner
+    edit_lr: float = 1e-2
     optimizer: Optim = Optim.adam
-    batch_size: Optional[int] = None
+    early_stop: str = "original"  # original | shifted (causal LM next-token) | none
+    error_filter: str = "original"  # original | exact | none
+    batch_size: Optional[int] = 1  # records per edit; null = num_edit_per_block
 
 
 @dataclass
 class EwcCfg:
-    """EWC penalty for ``ft_ewc`` (merged onto ``ft``)."""
+    """EWC penalty for ``ft_ewc`` (merged onto ``ft``): lambda_ * sum F (w - w0)^2 with F and
+    w0 from the last ``fisher_n_batches`` edits, recomputed at every edit (``btp/editors/ewc.py``)."""
 
-    lambda_: float = 100.0
-    fisher_n_batches: int = 8
+    lambda_: float = 0.1
+    fisher_n_batches: int = 10  # the window: the last N edit batches (the original's fisher_mem)
+    fisher_cumulative: bool = True  # the original's gradients accumulate over the window
+    anchor_sum_bug: bool = False  # true: the original's anchor (window sum of weights / N)
 
 
 @dataclass
@@ -347,7 +362,7 @@ VALUE_RULES: dict[str, dict[str, tuple[Any, str]]] = {
     "": {"max_n_edits": (_optional(_POS_INT[0]), "use an integer >= 1 (or null for the whole "
                                                  "stream)"),
          "seed": _SEED, "num_edit_per_block": _POS_INT, "metric_period": _POS_INT},
-    "data": {"n_upstream": _OPT_POS_INT, "max_length": _OPT_POS_INT,
+    "data": {"n_upstream": (_OPT_POS_INT[0], "use an integer >= 1 (or null for every record)"), "max_length": _OPT_POS_INT,
              "label_max_length": _OPT_POS_INT, "edit_permutation_seed": _SEED},
     "eval": {"max_length": _POS_INT, "batch_size": _OPT_POS_INT},
     "melo": {"num_block": _POS_INT, "num_rank_per_block": _POS_INT, "init_radius": _POS_REAL,

@@ -38,7 +38,9 @@ def _compose(task: str, alg: str, extra: list[str] = ()):
 
     if not (CONFIG_DIR / "model" / f"{TASKS[task]}.yaml").exists():
         pytest.skip(f"config/model/{TASKS[task]}.yaml is not there yet")
-    overrides = [f"+alg={alg}", f"+experiment={task}", f"+model={TASKS[task]}", *SMALL, *extra]
+    mine = {o.split("=", 1)[0] for o in extra}
+    small = [o for o in SMALL if o.split("=", 1)[0] not in mine]  # ``extra`` wins
+    overrides = [f"+alg={alg}", f"+experiment={task}", f"+model={TASKS[task]}", *small, *extra]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -79,9 +81,9 @@ def test_baseline_runs_like_melo(alg: str, task: str, tmp_path: Path, melo_keys)
     assert _metric_keys(tmp_path) == want_metrics
     assert json.loads((tmp_path / "summary.json").read_text())["alg"] == alg
     assert summary["n_edits"] == 4 and summary["edit_time_s"] > 0
-    # The stream is cut by the algorithm's batch_size: GRACE's is 1, the others' is null
-    # (num_edit_per_block=2).
-    assert summary["n_batches"] == (4 if alg == "grace" else 2)
+    # The stream is cut by the algorithm's batch_size: GRACE's, FT's and FT+EWC's is 1 (the GRACE
+    # repository edits one record at a time), plain LoRA's is null (num_edit_per_block=2).
+    assert summary["n_batches"] == (2 if alg == "plain_lora" else 4)
     for key in METRIC_KEYS:
         assert summary[key] is not None
     assert 0.0 <= summary["locality"] <= 1.0
@@ -116,3 +118,21 @@ def test_baseline_resumes_to_the_same_numbers(alg: str, tmp_path: Path, monkeypa
     resumed = _run(task, alg, tmp_path / "resumed")
     for key in (*METRIC_KEYS, "clusters", "conflicts", "forgotten", "n_edits"):
         assert resumed[key] == full[key], key
+
+
+@pytest.mark.parametrize("alg", ["ft", "ft_ewc"])
+def test_ft_learns_each_edit_and_forgets_earlier_ones(alg: str, tmp_path: Path) -> None:
+    """With the GRACE repository's values (Adam 1e-2, up to 100 steps, early stop, one record at a
+    time, GRACE's layer only) FT and FT+EWC learn every current edit on the shipped qa sample
+    with the tiny T5, and forget: earlier edits (ERR) and upstream predictions (locality) go.
+    TRR stays at the random stand-in's 0 (its upstream F1 is 0 before editing too)."""
+    n = 6
+    summary = _run("qa", alg, tmp_path, ["ft.num_iter=100", f"max_n_edits={n}", "metric_period=1",
+                                         "ewc.fisher_n_batches=10", "eval.max_length=20"])
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    es = [r["ES"] for r in records if r["n_edits"] > 0]
+    assert len(es) == n and sum(es) / n >= 0.9
+    assert summary["pre_edit"]["stream_unedited"] < 0.1
+    assert summary["ERR"] < 0.9 * (sum(es) / n)  # earlier edits are forgotten
+    assert summary["locality"] < 1.0
+    assert summary["TRR"] <= summary["pre_edit"]["TRR"] + 1e-9

@@ -1,4 +1,5 @@
-"""FT, FT+EWC and plain LoRA editors on tiny models (no runner needed)."""
+"""FT and FT+EWC as the GRACE repository runs them, and plain LoRA, on tiny models (no runner
+needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
 from btp.editors.base import EDITORS
-from btp.editors.ft import FtEditor, FtEwcEditor
+from btp.editors.ewc import fisher_and_anchor
+from btp.editors.ft import FtEditor, FtEwcEditor, labels_predicted
 from btp.editors.plain_lora import PlainLoraEditor, lora_rank
 from btp.errors import ConfigError
 from tests.test_baselines_tiny import (  # noqa: F401 - one_thread is a fixture
@@ -24,12 +26,24 @@ from tests.test_baselines_tiny import (  # noqa: F401 - one_thread is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FT = {"num_iter": 5, "edit_lr": 1e-2, "optimizer": "adam", "batch_size": None}
-EWC = {**FT, "lambda_": 100.0, "fisher_n_batches": 2}
+FT = {"num_iter": 5, "edit_lr": 1e-2, "optimizer": "adam", "batch_size": 1,
+      "early_stop": "none"}
+EWC = {**FT, "lambda_": 0.1, "fisher_n_batches": 2}
 LORA = {"r": 4, "alpha": None, "num_iter": 10, "edit_lr": 1e-2, "batch_size": None}
 
 BUILDS = {"t5": (tiny_t5, seq2seq_batch), "bert": (tiny_bert, cls_batch),
           "gpt2": (tiny_gpt2, causal_batch)}
+GRACE_LAYERS = {"t5": "encoder.block.4.layer.1.DenseReluDense.wo",
+                "bert": "bert.encoder.layer.10.output.dense",
+                "gpt2": "transformer.h.35.mlp.c_fc"}
+
+
+def _wrong(kind: str, model, batch: dict) -> dict:
+    """``batch`` with classification labels the model gets wrong (the others always count)."""
+    if kind == "bert":
+        with torch.no_grad():
+            batch["labels"] = (model(**batch).logits.argmax(-1) + 1) % 3
+    return batch
 
 
 def test_registered() -> None:
@@ -37,20 +51,31 @@ def test_registered() -> None:
     assert EDITORS["plain_lora"] is PlainLoraEditor
 
 
+def test_ft_defaults_are_the_repositorys() -> None:
+    model, mcfg = tiny_t5()
+    ed = FtEditor(model, {}, mcfg)
+    assert (ed.edit_lr, ed.num_iter, ed.optimizer, ed.early_stop, ed.error_filter) == \
+        (1e-2, 100, "adam", "original", "original")
+    ew = FtEwcEditor(tiny_t5()[0], {}, mcfg)
+    assert (ew.lambda_, ew.fisher_n_batches, ew.fisher_cumulative, ew.anchor_sum_bug) == \
+        (0.1, 10, True, False)
+
+
 # ------------------------------------------------------------------------------------- FT
 @pytest.mark.parametrize("kind", sorted(BUILDS))
-def test_ft_changes_only_target_weights(kind, tmp_path) -> None:
+def test_ft_trains_only_the_grace_layer_weight(kind, tmp_path) -> None:
     build, make = BUILDS[kind]
     model, mcfg = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ed = FtEditor(model, FT, mcfg)
-    b = make(n=2, seed=1)
+    weight = f"{GRACE_LAYERS[kind]}.weight"
+    assert list(ed.params) == [weight]
+    b = _wrong(kind, model, make(n=1, seed=1))
     res = ed.edit(b)
     assert len(res.losses) == 5 and res.losses[-1] < res.losses[0]
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and changed <= set(ed.params)
-    assert all(t + ".weight" in changed for t in mcfg.target_modules)
+    assert changed == {weight}  # the bias (BERT) and every other weight are bit-identical
     assert not any(p.requires_grad for p in model.parameters())  # frozen again after the edit
     # state round trip into a fresh copy of the unedited model
     model2, _ = build()
@@ -59,16 +84,69 @@ def test_ft_changes_only_target_weights(kind, tmp_path) -> None:
     assert torch.equal(ed2.forward(**b).logits, ed.forward(**b).logits)
     ed.save_pretrained(tmp_path)
     model3, _ = build()
-    assert FtEditor.load_weights(model3, tmp_path) == sorted(ed.params)
+    assert FtEditor.load_weights(model3, tmp_path) == [weight]
     assert torch.equal(model3(**b).logits, ed.forward(**b).logits)
     assert json.loads((tmp_path / "ft_config.json").read_text())["alg"] == "ft"
 
 
-def test_ft_rejects_a_target_that_matches_nothing() -> None:
+def test_ft_layer_override_and_bad_layer() -> None:
     model, mcfg = tiny_t5()
-    mcfg.target_modules = mcfg.target_modules + ["encoder.block.5.layer.1.DenseReluDense.wi"]
-    with pytest.raises(ConfigError, match="DenseReluDense.wi"):
-        FtEditor(model, FT, mcfg)
+    ed = FtEditor(model, {**FT, "layer": "decoder.block.6.layer.2.DenseReluDense.wo"}, mcfg)
+    assert list(ed.params) == ["decoder.block.6.layer.2.DenseReluDense.wo.weight"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        FtEditor(model, {**FT, "layer": "encoder.block.5.layer.1.DenseReluDense.wi"}, mcfg)
+    with pytest.raises(ConfigError, match="early_stop"):
+        FtEditor(model, {**FT, "early_stop": "sometimes"}, mcfg)
+
+
+def test_labels_predicted_by_hand() -> None:
+    # logits [1, 3, 4]: argmax per position 2, 0, 3
+    logits = torch.tensor([[[0, 1, 5, 0], [9, 0, 0, 0], [0, 0, 0, 1.0]]])
+    assert labels_predicted(logits, torch.tensor([[2, 0, 3]]))
+    assert labels_predicted(logits, torch.tensor([[2, -100, 3]]))  # -100 is no label
+    assert not labels_predicted(logits, torch.tensor([[2, 1, 3]]))
+    # shifted (causal LM): logits at t against the label at t+1
+    assert labels_predicted(logits, torch.tensor([[-100, 2, 0]]), shift=True)
+    assert not labels_predicted(logits, torch.tensor([[-100, 2, 0]]))
+    # classification: [n, C] against [n]
+    assert labels_predicted(torch.tensor([[0.1, 0.9], [2.0, 1.0]]), torch.tensor([1, 0]))
+    assert not labels_predicted(torch.tensor([[0.1, 0.9], [2.0, 1.0]]), torch.tensor([1, 1]))
+
+
+def test_ft_early_stop() -> None:
+    model, mcfg = tiny_t5()
+    b = seq2seq_batch(n=1, seed=1)
+    # labelled with the model's own greedy answer (a fixed point of teacher forcing): it stops
+    # before the first step
+    with torch.no_grad():
+        own = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             max_length=4)[:, 1:]
+    assert (own != 1).all()  # no early </s>: every position is a real prediction
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ed = FtEditor(model, {**FT, "num_iter": 100, "early_stop": "original"}, mcfg)
+    res = ed.edit({**b, "labels": own})
+    assert res.losses == []
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    # a new label: it trains until every label token is the argmax, then stops (< 100 steps)
+    res = ed.edit(b)
+    assert 0 < len(res.losses) < 100
+    assert labels_predicted(ed.forward(**b).logits, b["labels"])
+    # without the early stop: exactly num_iter steps
+    ed_none = FtEditor(tiny_t5()[0], {**FT, "num_iter": 7}, mcfg)
+    assert len(ed_none.edit(b).losses) == 7
+
+
+def test_ft_skips_records_the_model_gets_right() -> None:
+    model, mcfg = tiny_bert()
+    b = cls_batch(n=1, seed=2)
+    with torch.no_grad():
+        b["labels"] = model(**b).logits.argmax(-1)
+    ed = FtEditor(model, FT, mcfg)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ed.edit(b).losses == [] and ed.skipped == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    ed_all = FtEditor(model, {**FT, "error_filter": "none"}, mcfg)
+    assert len(ed_all.edit(b).losses) == 5
 
 
 def test_ft_generate_t5() -> None:
@@ -80,65 +158,67 @@ def test_ft_generate_t5() -> None:
 
 
 # ------------------------------------------------------------------------------------- EWC
-def _upstream(make, n=3):
-    return lambda: iter([make(n=2, seed=100 + i) for i in range(n)])
-
-
-def test_ft_ewc_fisher_anchor_and_pull_back() -> None:
+def test_ft_ewc_fisher_window_recomputed_at_every_edit() -> None:
     model, mcfg = tiny_t5()
-    anchor = {k: v.clone() for k, v in FtEditor(model, FT, mcfg).params.items()}
-    calls = []
+    ed = FtEwcEditor(model, EWC, mcfg)  # no upstream data needed
+    name = next(iter(ed.params))
+    batches = [seq2seq_batch(n=1, seed=s) for s in (1, 2, 3)]
+    for i, b in enumerate(batches):
+        w_before = ed.params[name].detach().clone()
+        ed.edit(b)
+        # the window: the last fisher_n_batches (2) edited batches, the current one included
+        assert len(ed.history) == min(i + 1, 2)
+        assert torch.equal(ed.history[-1]["labels"], b["labels"])
+        # anchor = the weights before this edit; Fisher = the window's at those weights
+        assert torch.equal(ed.ewc.anchor[name], w_before)
+        probe, _ = tiny_t5()
+        with torch.no_grad():
+            probe.get_submodule(GRACE_LAYERS["t5"]).weight.copy_(w_before)
+        pw = probe.get_submodule(GRACE_LAYERS["t5"]).weight
+        pw.requires_grad_(True)
+        want, _ = fisher_and_anchor(probe, {name: pw}, ed.history[::-1], 2, torch.device("cpu"))
+        assert torch.allclose(ed.ewc.fisher[name], want[name])
+    assert torch.equal(ed.history[0]["labels"], batches[1]["labels"])
 
-    def upstream():
-        calls.append(1)
-        return _upstream(seq2seq_batch)()
 
-    ed = FtEwcEditor(model, {**EWC, "lambda_": 1e6}, mcfg, upstream)
-    b = seq2seq_batch(n=2, seed=1)
-    ed.edit(b)
-    ed.edit(b)
-    assert len(calls) == 1  # Fisher computed once, before the first edit
-    assert ed.ewc is not None and set(ed.ewc.fisher) == set(ed.params)
-    assert all(torch.equal(ed.ewc.anchor[k], anchor[k]) for k in anchor)
-    assert all((f >= 0).all() for f in ed.ewc.fisher.values())
-    assert any((f > 0).any() for f in ed.ewc.fisher.values())
-    # the penalty holds the weights nearer the anchor than plain FT does
-    model_ft, _ = tiny_t5()
-    ft = FtEditor(model_ft, FT, mcfg)
-    ft.edit(b)
-    ft.edit(b)
+def test_ft_ewc_pulls_back_towards_the_anchor() -> None:
+    model, mcfg = tiny_t5()
+    ed = FtEwcEditor(model, {**EWC, "lambda_": 1e6}, mcfg)
+    ft = FtEditor(tiny_t5()[0], FT, mcfg)
+    anchor = {k: v.detach().clone() for k, v in ed.params.items()}
+    b1, b2 = seq2seq_batch(n=1, seed=1), seq2seq_batch(n=1, seed=2)
+    for e in (ed, ft):
+        e.edit(b1)
+    fisher_b2 = None
+    for e in (ed, ft):
+        e.edit(b2)
+        fisher_b2 = ed.ewc.fisher
+    assert any((f > 0).any() for f in fisher_b2.values())
 
     def fisher_dist(e):
-        return sum(float((ed.ewc.fisher[k] * (e.params[k] - anchor[k]) ** 2).sum()) for k in anchor)
+        return sum(float((fisher_b2[k] * (e.params[k] - anchor[k]) ** 2).sum()) for k in anchor)
 
     assert fisher_dist(ed) < fisher_dist(ft)
 
 
 def test_ft_ewc_state_round_trip(tmp_path) -> None:
     model, mcfg = tiny_bert()
-    ed = FtEwcEditor(model, EWC, mcfg, _upstream(cls_batch))
-    pre = ed.state_dict()  # before the first edit: weights + anchor only
-    assert any(k.startswith("ewc.anchor_only.") for k in pre)
-    b = cls_batch(n=2)
-    ed.edit(b)
+    ed = FtEwcEditor(model, EWC, mcfg)
+    b1 = _wrong("bert", model, cls_batch(n=1, seed=2))
+    ed.edit(b1)
     state = ed.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert any(k.startswith("ewc.hist.0.") for k in state)
     model2, _ = tiny_bert()
-    ed2 = FtEwcEditor(model2, EWC, mcfg, lambda: pytest.fail("resume must not recompute Fisher"))
+    ed2 = FtEwcEditor(model2, EWC, mcfg)
     ed2.load_state_dict(state)
-    assert ed2.ewc is not None
-    assert ed2.penalty().item() == pytest.approx(ed.penalty().item())
-    ed2.edit(b)
-    ed.edit(b)
-    assert torch.equal(ed2.forward(**b).logits, ed.forward(**b).logits)
+    assert len(ed2.history) == 1 and torch.equal(ed2.history[0]["labels"], b1["labels"])
+    b2 = _wrong("bert", model, cls_batch(n=1, seed=5))
+    ed2.edit(b2)
+    ed.edit(b2)
+    assert torch.equal(ed2.forward(**b2).logits, ed.forward(**b2).logits)
     ed.save_pretrained(tmp_path)
     assert (tmp_path / "ewc_state.safetensors").exists()
-
-
-def test_ft_ewc_without_upstream_is_a_config_error() -> None:
-    model, mcfg = tiny_t5()
-    with pytest.raises(ConfigError, match="upstream"):
-        FtEwcEditor(model, EWC, mcfg, None).edit(seq2seq_batch())
 
 
 # ------------------------------------------------------------------------------ plain LoRA

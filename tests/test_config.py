@@ -155,7 +155,7 @@ def test_alg_files_select_registered_editors(alg: str, name: str) -> None:
     ("grace", [], 1),                        # GRACE edits one record at a time
     ("grace", ["grace.batch_size=3"], 3),
     ("grace", ["grace.batch_size=null"], 100),
-    ("ft", [], 100), ("ft", ["ft.batch_size=7"], 7),
+    ("ft", [], 1), ("ft", ["ft.batch_size=null"], 100), ("ft", ["ft.batch_size=7"], 7),
     ("ft_ewc", ["ft.batch_size=5"], 5),
     ("plain_lora", ["plain_lora.batch_size=2"], 2),
 ])
@@ -172,7 +172,7 @@ def test_edit_batch_size_must_be_positive() -> None:
 
 
 @pytest.mark.parametrize("task,tiny,want", [
-    ("qa", "tiny-t5small", dict(replacement="replace_prompt", edit_lr=10.0, key_id=-1,
+    ("qa", "tiny-t5small", dict(replacement="replace_prompt", edit_lr=1.0, key_id=-1,
                                 init_radius=1.0)),
     ("scotus", "tiny-scotus-bert", dict(replacement="replace_prompt", edit_lr=10.0, key_id=-2,
                                         init_radius=0.05)),
@@ -182,4 +182,4 @@ def test_tiny_models_set_grace_demo_values(task: str, tiny: str, want: dict) -> 
     assert {k: cfg[k] for k in want} == want
     real = alg_section(_compose("+alg=grace", f"+experiment={task}", "+model=t5small"
                                 if task == "qa" else "+model=scotus-bert"))
-    assert (real.replacement, real.edit_lr, real.key_id) == ("replace_last", 1.0, -1)
+    assert (real.replacement, real.edit_lr, real.key_id) == ("replace_prompt", 1.0, -1)

@@ -150,3 +150,89 @@ def read_safetensors(directory: str | Path, filename: str, meta_name: str
     """Inverse of :func:`write_safetensors`."""
     d = Path(directory)
     return load_file(str(d / filename)), json.loads((d / meta_name).read_text())
+
+
+# ------------------------------------------------------------------ the GRACE repository's stream
+#: How an editor decides which records of an edit batch to edit (see :func:`records_to_edit`).
+ERROR_FILTERS = ("original", "exact", "none")
+MODEL_KINDS = ("seq2seq", "classification", "causal_lm")
+
+
+def model_kind(model: nn.Module) -> str:
+    """``seq2seq`` (T5), ``classification`` (a ``*ForSequenceClassification``) or ``causal_lm``."""
+    if bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
+        return "seq2seq"
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return "classification"
+    return "causal_lm"
+
+
+def check_choice(section: str, key: str, value: str, choices: Iterable[str]) -> str:
+    """``value`` when it is one of ``choices``, else a ConfigError naming the override to fix."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{section}.{key} must be one of {choices}, got {value!r}")
+    return value
+
+
+def records_to_edit(editor: Any, batch: Mapping[str, torch.Tensor], kind: str,
+                    rule: str) -> torch.Tensor:
+    """[n] bool: the records of ``batch`` the editor edits, judged on the model as edited so far.
+
+    The GRACE repository edits a record only when its ``is_error`` says the model gets it wrong:
+
+    * ``original`` (its rule per task): classification, the argmax class differs from the label;
+      seq2seq, every record (its QA test compares the squeezed 1-D generation with the ``[1, L]``
+      label tensor by ``len``, which never matches, so every zsRE record counts as an error);
+      causal LM, every record (hallucination edits are errors by construction).
+    * ``exact``: as ``original``, except that a seq2seq record counts as wrong only when greedy
+      decoding does not reproduce its label tokens.
+    * ``none``: every record (MELO's stream).
+
+    ``editor`` supplies ``forward``/``generate`` (the edited model); nothing is trained here.
+    """
+    n = int(batch["input_ids"].shape[0])
+    dev = batch["input_ids"].device
+    every = torch.ones(n, dtype=torch.bool, device=dev)
+    if rule == "none" or kind == "causal_lm":
+        return every
+    labels = batch["labels"]
+    if kind == "classification":
+        logits = editor.forward(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return (logits.argmax(-1) != labels.to(logits.device)).to(dev)
+    if rule == "original":
+        return every
+    # Greedy answer vs label ids: position 0 of a T5 generation is the decoder start token, so
+    # 1 + label width tokens decide whether the label (ending in </s>) is reproduced.
+    gen = editor.generate(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          max_length=int(labels.shape[1]) + 1).to(dev)
+    wrong = []
+    for row, gold in zip(gen, labels):
+        gold = gold[gold != -100]
+        pred = row[1 : 1 + gold.numel()]
+        wrong.append(pred.shape != gold.shape or not bool(torch.equal(pred, gold)))
+    return torch.tensor(wrong, dtype=torch.bool, device=dev)
+
+
+def select_rows(batch: Mapping[str, torch.Tensor], rows: torch.Tensor,
+                kind: str) -> dict[str, torch.Tensor]:
+    """The records ``rows`` ([n] bool) of a batch, as if collated alone.
+
+    Trailing columns that are padding in every kept row are cut for the kinds the collator pads
+    to the longest row (seq2seq, causal LM); classification inputs keep their fixed length.
+    """
+    out = {k: v[rows] for k, v in batch.items()}
+    if kind == "classification" or bool(rows.all()):
+        return out
+    am = out.get("attention_mask")
+    if am is not None and am.dim() == 2 and am.shape[0] > 0:
+        width = int(am.any(0).nonzero().max()) + 1
+        for k in ("input_ids", "attention_mask"):
+            out[k] = out[k][:, :width]
+        if kind == "causal_lm" and "labels" in out:
+            out["labels"] = out["labels"][:, :width]
+    if kind == "seq2seq" and "labels" in out and out["labels"].shape[0] > 0:
+        lab = out["labels"]
+        width = int((lab != -100).any(0).nonzero().max()) + 1
+        out["labels"] = lab[:, :width]
+    return out

@@ -1,17 +1,25 @@
-"""Elastic weight consolidation (Kirkpatrick et al., 2017) for the ``ft_ewc`` baseline.
+"""Elastic weight consolidation (Kirkpatrick et al., 2017) as the GRACE repository's ``ft_ewc``.
 
-penalty(w) = lambda / 2 * sum_i F_i * (w_i - w0_i)^2
+penalty(w) = lambda * sum_i F_i * (w_i - w0_i)^2        (no 1/2, as the repository)
 
-with ``w0`` the anchor (the weights before the first edit) and ``F`` the diagonal of the Fisher
-information, estimated on upstream data as the mean over batches of the squared gradient of the
-model's loss (the "empirical Fisher" at batch level). A parameter with Fisher 0 is free to move;
-one the upstream loss is sensitive to is held near its anchor.
+``F`` and the anchor ``w0`` are recomputed at the start of every edit from a window of the last
+``fisher_n_batches`` (N, the repository's ``fisher_mem``, 10) edited batches, the current one
+included, taken most recent first, at the weights as they are before the edit:
+
+* the Fisher diagonal is the sum over the window of squared gradients of each batch's loss,
+  divided by N even when fewer than N batches have been edited yet. The repository does not
+  clear the gradient between the window's batches, so the k-th square is that of the gradient
+  summed over the k most recent batches (``cumulative=True``, the default); ``cumulative=False``
+  squares each batch's own gradient (the textbook empirical Fisher).
+* the anchor is the weights before the edit. The repository sums the current weights once per
+  window batch and divides by N, which scales the anchor by (window size)/N during the first N-1
+  edits and pulls the weights towards zero; ``anchor_sum_bug=True`` reproduces that.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class EWCPenalty:
-    """The quadratic EWC penalty around fixed anchor weights.
+    """The quadratic EWC penalty ``lambda_ * sum F (w - w0)^2`` around fixed anchor weights.
 
     Args:
         fisher: per-parameter Fisher diagonal (same shapes as the parameters).
@@ -50,53 +58,48 @@ class EWCPenalty:
             total = term if total is None else total + term
         if total is None:
             return torch.zeros(())
-        return 0.5 * self.lambda_ * total
-
-    def state(self, prefix: str = "ewc.") -> dict[str, torch.Tensor]:
-        """Fisher and anchor as tensors (for checkpoints)."""
-        out = {f"{prefix}fisher.{k}": v.detach().clone() for k, v in self.fisher.items()}
-        out.update({f"{prefix}anchor.{k}": v.detach().clone() for k, v in self.anchor.items()})
-        return out
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor], lambda_: float,
-                   prefix: str = "ewc.") -> "EWCPenalty | None":
-        """Inverse of :meth:`state`; None when the state holds no EWC tensors."""
-        fp, ap = f"{prefix}fisher.", f"{prefix}anchor."
-        fisher = {k[len(fp):]: v for k, v in state.items() if k.startswith(fp)}
-        anchor = {k[len(ap):]: v for k, v in state.items() if k.startswith(ap)}
-        if not fisher:
-            return None
-        return cls(fisher, anchor, lambda_)
+        return self.lambda_ * total
 
 
-def fisher_diagonal(model: nn.Module, params: Mapping[str, nn.Parameter],
-                    batches: Iterable[Mapping[str, torch.Tensor]], n_batches: int,
-                    device: torch.device) -> dict[str, torch.Tensor]:
-    """Mean over up to ``n_batches`` batches of the squared gradient of the loss, per parameter.
+def fisher_and_anchor(model: nn.Module, params: Mapping[str, nn.Parameter],
+                      window: Sequence[Mapping[str, torch.Tensor]], n_batches: int,
+                      device: torch.device, cumulative: bool = True,
+                      anchor_sum_bug: bool = False
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fisher diagonal and anchor from the edit ``window`` (most recent batch first).
 
-    ``params`` must require grad; every other parameter of ``model`` is left as it is (frozen).
-    Gradients are cleared afterwards so they cannot leak into the first edit.
+    Only the first ``n_batches`` batches of ``window`` are used. ``params`` must require grad;
+    every other parameter of ``model`` is left as it is (frozen). Gradients are cleared
+    afterwards so they cannot leak into the edit.
+
+    Returns:
+        (fisher, anchor), each a dict of tensors shaped like ``params``.
     """
     if n_batches < 1:
         raise ConfigError("ewc.fisher_n_batches must be >= 1")
+    batches = list(window)[:n_batches]
+    if not batches:
+        raise ConfigError("EWC needs at least the current edit batch for its Fisher")
     fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-    seen = 0
+    for p in params.values():
+        p.grad = None
     with torch.enable_grad():
         for batch in batches:
-            if seen >= n_batches:
-                break
-            for p in params.values():
-                p.grad = None
+            if not cumulative:
+                for p in params.values():
+                    p.grad = None
             loss = model(**to_device(model_inputs(batch), device)).loss
             loss.backward()
             for k, p in params.items():
                 if p.grad is not None:
                     fisher[k] += p.grad.detach().float() ** 2
-            seen += 1
     for p in params.values():
         p.grad = None
-    if seen == 0:
-        raise ConfigError("EWC needs upstream data for its Fisher, but the upstream set is empty")
-    log.info("EWC Fisher from %d upstream batches", seen)
-    return {k: v / seen for k, v in fisher.items()}
+    m = len(batches)
+    with torch.no_grad():
+        if anchor_sum_bug:
+            anchor = {k: p.detach().clone() * m / n_batches for k, p in params.items()}
+        else:
+            anchor = {k: p.detach().clone() for k, p in params.items()}
+    log.debug("EWC Fisher from the last %d edit batch(es)", m)
+    return {k: (v / n_batches).to(params[k].dtype) for k, v in fisher.items()}, anchor

@@ -1,17 +1,34 @@
-"""Fine-tuning baselines: ``ft`` (plain) and ``ft_ewc`` (with an EWC penalty).
+"""Fine-tuning baselines as the GRACE repository runs them: ``ft`` and ``ft_ewc``.
 
-``ft`` trains the weights of the model's ``target_modules`` (the modules MELO puts LoRA on) on
-each edit batch: a fresh optimizer per batch (Adam by default, lr ``edit_lr``), exactly
-``num_iter`` steps on the model's own loss. Every other weight stays frozen and bit-identical.
+``ft`` trains the weight of one layer, the one GRACE edits (``ft.layer``, else
+``model.grace_baseline_layer``, ...; :func:`btp.editors.grace.default_grace_layer`: T5 encoder
+block 4 ``wo``, BERT layer 10 ``output.dense``, GPT-2 ``h.35.mlp.c_fc``, the repository's
+``inner_params``); its bias and every other weight stay frozen and bit-identical. Per edit: a
+fresh optimizer (Adam by default, lr ``edit_lr`` = 1e-2), at most ``num_iter`` (100) steps on the
+model's own loss, stopping before a step as soon as the model's argmax at every label position
+equals the label (``early_stop``):
 
-``ft_ewc`` adds ``lambda_/2 * sum F (w - w0)^2`` to the loss (:mod:`btp.editors.ewc`): the anchor
-``w0`` is the target weights before the first edit and ``F`` the Fisher diagonal from
-``ewc.fisher_n_batches`` upstream batches, computed once, just before the first edit.
+* ``original``: argmax of the logits at each position whose label is not -100 against that
+  label, unshifted (for a causal LM the repository compares the prediction of the *next* token
+  with the current one, so the stop rarely fires there);
+* ``shifted``: as ``original``, but a causal LM's logits at t are compared with the label at t+1;
+* ``none``: exactly ``num_iter`` steps.
 
-Config: ``ft`` section (``num_iter``, ``edit_lr``, ``optimizer`` adam|sgd, ``batch_size`` used by
-the runner); ``ft_ewc`` reads ``ft`` merged with ``ewc`` (``lambda_``, ``fisher_n_batches``).
-Recorded losses are the model's loss (without the penalty), comparable with the other methods;
-the penalty is logged at debug level.
+As in the repository, the stream comes one record per edit (``batch_size`` 1) and only records
+the edited model gets wrong are edited (``error_filter``,
+:func:`btp.editors.common.records_to_edit`); ``batch_size: null`` and ``error_filter: none`` edit
+every record in chunks of ``num_edit_per_block``, as MELO's stream.
+
+``ft_ewc`` adds the EWC penalty of :mod:`btp.editors.ewc` (``lambda_``, a Fisher and anchor from
+the last ``fisher_n_batches`` edited batches, recomputed at the start of every edit). The
+repository checks the early stop before adding the penalty; so does this. Recorded losses are the
+model's loss (without the penalty), comparable with the other methods; the penalty is logged at
+debug level.
+
+Config: ``ft`` section (``layer``, ``num_iter``, ``edit_lr``, ``optimizer`` adam|sgd,
+``early_stop``, ``error_filter``, ``batch_size`` used by the runner); ``ft_ewc`` reads ``ft``
+merged with ``ewc`` (``lambda_``, ``fisher_n_batches``, ``fisher_cumulative``,
+``anchor_sum_bug``).
 """
 
 from __future__ import annotations
@@ -27,16 +44,22 @@ from torch import nn
 
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (
+    ERROR_FILTERS,
     cfg_get,
     cfg_str,
+    check_choice,
+    get_module,
     model_device,
     model_inputs,
+    model_kind,
     read_safetensors,
-    resolve_target_modules,
+    records_to_edit,
+    select_rows,
     to_device,
     write_safetensors,
 )
-from btp.editors.ewc import EWCPenalty, fisher_diagonal
+from btp.editors.ewc import EWCPenalty, fisher_and_anchor
+from btp.editors.grace import default_grace_layer
 from btp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,6 +67,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "ft_weights.safetensors"
 CONFIG_NAME = "ft_config.json"
 EWC_NAME = "ewc_state.safetensors"
+EARLY_STOPS = ("original", "shifted", "none")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -55,32 +80,52 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.op
     raise ConfigError(f"optimizer must be adam or sgd, got {name!r}")
 
 
+def labels_predicted(logits: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> bool:
+    """Whether the argmax equals the label at every labelled position (the early-stop test).
+
+    logits [n, C] with labels [n] (classification), or logits [n, L, V] with labels [n, L]
+    (-100 = not a label). ``shift``: compare logits at t with labels at t+1 (causal LM).
+    """
+    labels = labels.to(logits.device)
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    pred = logits.argmax(-1)
+    mask = labels != -100
+    return bool(torch.equal(pred[mask], labels[mask]))
+
+
 @register_editor("ft")
 class FtEditor(Editor):
-    """Fine-tune the target modules' own weights on every edit batch."""
+    """Fine-tune the weight of GRACE's layer on each record the model gets wrong."""
 
     def __init__(self, model: nn.Module, alg_cfg: Any, model_cfg: Any,
                  upstream_batches: Callable[[], Any] | None = None, **_: Any) -> None:
         super().__init__(model, alg_cfg, model_cfg, upstream_batches)
-        targets = resolve_target_modules(model, cfg_get(model_cfg, "target_modules"))
-        self.target_names = sorted(targets)
-        # The modules' direct parameters (weight, and bias where there is one).
-        self.params: dict[str, nn.Parameter] = {
-            f"{mname}.{pname}": p
-            for mname in self.target_names
-            for pname, p in targets[mname].named_parameters(recurse=False)
-        }
-        self.num_iter = int(cfg_get(alg_cfg, "num_iter", 50))
-        self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1e-4))
-        self.optimizer = cfg_str(alg_cfg, "optimizer", "adam")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"ft.optimizer must be adam or sgd, got {self.optimizer!r}")
-        log.info("%s trains %d tensors in %d target modules", self.name, len(self.params),
-                 len(self.target_names))
+        self.layer_name = default_grace_layer(model, alg_cfg, model_cfg)
+        layer = get_module(model, self.layer_name)
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            raise ConfigError(f"ft.layer '{self.layer_name}' has no weight to fine-tune; "
+                              "point ft.layer at a Linear/Conv1D layer")
+        # Only the weight (the repository's inner_params name ``<layer>.weight``), not the bias.
+        self.params: dict[str, nn.Parameter] = {f"{self.layer_name}.weight": weight}
+        self.kind = model_kind(model)
+        self.num_iter = int(cfg_get(alg_cfg, "num_iter", 100))
+        self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1e-2))
+        self.optimizer = check_choice("ft", "optimizer", cfg_str(alg_cfg, "optimizer", "adam"),
+                                      OPTIMIZERS)
+        self.early_stop = check_choice("ft", "early_stop",
+                                       cfg_str(alg_cfg, "early_stop", "original"), EARLY_STOPS)
+        self.error_filter = check_choice("ft", "error_filter",
+                                         cfg_str(alg_cfg, "error_filter", "original"), ERROR_FILTERS)
+        self.skipped = 0  # records the filter left unedited (the model already got them right)
+        log.info("%s trains %s (Adam lr %g, at most %d steps, early_stop=%s, error_filter=%s)",
+                 self.name, ", ".join(self.params), self.edit_lr, self.num_iter, self.early_stop,
+                 self.error_filter)
 
     @contextmanager
     def _trainable(self) -> Iterator[None]:
-        """Target weights require grad only while training: the base model stays frozen."""
+        """Trained weights require grad only while training: the base model stays frozen."""
         for p in self.params.values():
             p.requires_grad_(True)
         try:
@@ -94,19 +139,35 @@ class FtEditor(Editor):
         """Extra loss term (``ft_ewc``); None for plain fine-tuning."""
         return None
 
-    def prepare(self) -> None:
-        """Called at the start of every edit (``ft_ewc``: Fisher before the first one)."""
+    def prepare(self, batch: dict[str, torch.Tensor]) -> None:
+        """Called with trainable weights before each edit's steps (``ft_ewc``: its Fisher)."""
+
+    def _done(self, logits: torch.Tensor, labels: torch.Tensor) -> bool:
+        if self.early_stop == "none":
+            return False
+        shift = self.early_stop == "shifted" and self.kind == "causal_lm"
+        return labels_predicted(logits, labels, shift)
 
     def edit(self, batch: dict[str, torch.Tensor]) -> EditOutcome:
-        t0 = time.perf_counter()
         batch = to_device(model_inputs(batch), model_device(self.base_model))
-        self.prepare()
+        rows = records_to_edit(self, batch, self.kind, self.error_filter)
+        self.skipped += int((~rows).sum())
+        if not bool(rows.any()):
+            log.debug("%s: the model already gets these %d record(s) right; nothing edited",
+                      self.name, int(rows.numel()))
+            return EditOutcome()
+        batch = select_rows(batch, rows, self.kind)
+        t0 = time.perf_counter()
         losses: list[float] = []
         with self._trainable(), torch.enable_grad():
+            self.prepare(batch)
             opt = make_optimizer(self.optimizer, list(self.params.values()), self.edit_lr)
             for _ in range(self.num_iter):
                 opt.zero_grad(set_to_none=True)
-                loss = self.base_model(**batch).loss
+                out = self.base_model(**batch)
+                if self._done(out.logits.detach(), batch["labels"]):
+                    break
+                loss = out.loss
                 pen = self.penalty()
                 total = loss if pen is None else loss + pen
                 total.backward()
@@ -117,24 +178,28 @@ class FtEditor(Editor):
         return EditOutcome(losses=losses, time_s=time.perf_counter() - t0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"ft.{k}": p.detach().clone() for k, p in self.params.items()}
+        state = {f"ft.{k}": p.detach().clone() for k, p in self.params.items()}
+        state["ft_skipped"] = torch.tensor(self.skipped, dtype=torch.long)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [k for k in self.params if f"ft.{k}" not in state]
         if missing:
-            raise ConfigError(f"{self.name} state lacks {missing[:3]}...: resume with the same "
-                              "model.target_modules")
+            raise ConfigError(f"{self.name} state lacks {missing[:3]}: resume with the same "
+                              "model and ft.layer")
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state[f"ft.{k}"].to(p))
+        self.skipped = int(state.get("ft_skipped", torch.tensor(0)))
 
     def _meta(self) -> dict[str, Any]:
-        return {"alg": self.name, "target_modules": self.target_names,
-                "tensors": sorted(self.params), "num_iter": self.num_iter,
-                "edit_lr": self.edit_lr, "optimizer": self.optimizer}
+        return {"alg": self.name, "layer": self.layer_name, "tensors": sorted(self.params),
+                "num_iter": self.num_iter, "edit_lr": self.edit_lr, "optimizer": self.optimizer,
+                "early_stop": self.early_stop, "error_filter": self.error_filter,
+                "skipped": self.skipped}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """The edited target weights (names as in the model's state_dict) + ``ft_config.json``."""
+        """The edited weight (named as in the model's state_dict) + ``ft_config.json``."""
         write_safetensors(directory, WEIGHTS_NAME, dict(self.params.items()), self._meta(),
                           CONFIG_NAME)
 
@@ -151,58 +216,63 @@ class FtEditor(Editor):
 
 @register_editor("ft_ewc")
 class FtEwcEditor(FtEditor):
-    """Fine-tuning with an EWC penalty around the pre-edit weights."""
+    """Fine-tuning with the GRACE repository's EWC penalty (window of recent edits)."""
 
     def __init__(self, model: nn.Module, alg_cfg: Any, model_cfg: Any,
                  upstream_batches: Callable[[], Any] | None = None, **kw: Any) -> None:
         super().__init__(model, alg_cfg, model_cfg, upstream_batches, **kw)
-        self.lambda_ = float(cfg_get(alg_cfg, "lambda_", 100.0))
-        self.fisher_n_batches = int(cfg_get(alg_cfg, "fisher_n_batches", 8))
-        # Anchor now: the weights before any edit (a resume replaces it from the checkpoint).
-        self._anchor = {k: p.detach().clone() for k, p in self.params.items()}
+        self.lambda_ = float(cfg_get(alg_cfg, "lambda_", 0.1))
+        self.fisher_n_batches = int(cfg_get(alg_cfg, "fisher_n_batches", 10))
+        if self.fisher_n_batches < 1:
+            raise ConfigError("ewc.fisher_n_batches must be >= 1")
+        self.fisher_cumulative = bool(cfg_get(alg_cfg, "fisher_cumulative", True))
+        self.anchor_sum_bug = bool(cfg_get(alg_cfg, "anchor_sum_bug", False))
+        # The edited batches, oldest first; only the last fisher_n_batches are kept.
+        self.history: list[dict[str, torch.Tensor]] = []
         self.ewc: EWCPenalty | None = None
 
-    def prepare(self) -> None:
-        if self.ewc is not None:
-            return
-        if self.upstream_batches is None:
-            raise ConfigError("ft_ewc needs upstream batches for its Fisher; none were given")
-        with self._trainable():
-            fisher = fisher_diagonal(self.base_model, self.params, self.upstream_batches(),
-                                     self.fisher_n_batches, model_device(self.base_model))
-        self.ewc = EWCPenalty(fisher, self._anchor, self.lambda_)
+    def prepare(self, batch: dict[str, torch.Tensor]) -> None:
+        self.history = (self.history + [{k: v.detach() for k, v in batch.items()}])[
+            -self.fisher_n_batches:]
+        fisher, anchor = fisher_and_anchor(
+            self.base_model, self.params, self.history[::-1], self.fisher_n_batches,
+            model_device(self.base_model), cumulative=self.fisher_cumulative,
+            anchor_sum_bug=self.anchor_sum_bug)
+        self.ewc = EWCPenalty(fisher, anchor, self.lambda_)
 
     def penalty(self) -> torch.Tensor | None:
         return self.ewc(self.params) if self.ewc is not None else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """As ``ft``, plus the window of edited batches (``ewc.hist.<i>.<input name>``)."""
         state = super().state_dict()
-        if self.ewc is not None:
-            state.update(self.ewc.state())
-        else:  # before the first edit: keep the anchor so a resume penalises the right point
-            state.update({f"ewc.anchor_only.{k}": v.clone() for k, v in self._anchor.items()})
+        for i, b in enumerate(self.history):
+            state.update({f"ewc.hist.{i}.{k}": v.detach().clone() for k, v in b.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
-        self.ewc = EWCPenalty.from_state(state, self.lambda_)
-        if self.ewc is not None:
-            self._anchor = dict(self.ewc.anchor)
-        else:
-            pre = "ewc.anchor_only."
-            anchor = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
-            if anchor:
-                self._anchor = anchor
+        hist: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in state.items():
+            if key.startswith("ewc.hist."):
+                i, name = key[len("ewc.hist."):].split(".", 1)
+                hist.setdefault(int(i), {})[name] = v
+        dev = model_device(self.base_model)
+        self.history = [to_device(hist[i], dev) for i in sorted(hist)]
+        self.ewc = None
 
     def _meta(self) -> dict[str, Any]:
         return {**super()._meta(), "lambda_": self.lambda_,
-                "fisher_n_batches": self.fisher_n_batches}
+                "fisher_n_batches": self.fisher_n_batches,
+                "fisher_cumulative": self.fisher_cumulative,
+                "anchor_sum_bug": self.anchor_sum_bug}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """As ``ft``, plus ``ewc_state.safetensors`` (Fisher and anchor) to continue editing."""
+        """As ``ft``, plus ``ewc_state.safetensors`` (the window of edited batches) to continue."""
         super().save_pretrained(directory)
-        if self.ewc is not None:
+        if self.history:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous().cpu() for k, v in self.ewc.state(prefix="").items()},
+            save_file({f"hist.{i}.{k}": v.contiguous().cpu()
+                       for i, b in enumerate(self.history) for k, v in b.items()},
                       str(Path(directory) / EWC_NAME))

@@ -1,9 +1,11 @@
-"""GRACE (Hartvigsen et al., NeurIPS 2023): a codebook adapter around one frozen layer.
+"""GRACE (Hartvigsen et al., NeurIPS 2023) as the GRACE repository runs it: a codebook adapter
+around one frozen layer.
 
-Implemented from the paper's description (no code taken from the original).
+Written from the paper and from reading the repository's behaviour (no code taken from it).
 
 The wrapped layer (``grace.layer``, else ``model.grace_baseline_layer``, else GRACE's own layer
-for the model type, else ``model.grace_layer``; see :func:`default_grace_layer`) keeps its weights. A codebook of entries sits beside it; each entry holds
+for the model type, else ``model.grace_layer``; see :func:`default_grace_layer`) keeps its
+weights. A codebook of entries sits beside it; each entry holds
 
 * a key: the layer's *input* at the key token of an edited example,
 * a value: a trainable vector that replaces the layer's *output*,
@@ -13,42 +15,57 @@ for the model type, else ``model.grace_layer``; see :func:`default_grace_layer`)
 Editing one example with key k and label y against the nearest entry j at distance d:
 
 * no entry, or ``d > eps_j + init_radius``: **add** a new entry (k, eps = init_radius, y);
-* ``d <= eps_j + init_radius`` and y equals label_j: **expand**, eps_j = max(eps_j, d);
-  the entry's value is then trained on this example too;
-* otherwise (label conflict): **split**, eps_j = d/2 and a new entry (k, eps = d/2, y) is
+* ``d <= eps_j + init_radius`` and y agrees with label_j: **expand**. ``eps_expand=coverage``
+  (default): eps_j = max(eps_j, d); ``moving_average``: when d > eps_j the key moves halfway
+  to k and eps_j = d. The entry's value is then trained on this example;
+* otherwise (label conflict): **split**, eps_j = d/2 - 1e-5 and a new entry (k, eps = d/2, y) is
   added; ``conflicts`` counts these.
 
-Then the values of the entries the batch touched are trained with plain SGD (lr ``edit_lr``,
-``num_iter`` steps, fresh optimizer per batch) on the model's own loss; everything else is frozen.
+Labels agree (``label_match``) when the means of their token ids are equal (``mean``, the
+repository's rule, a hash: [2, 9] and [9, 2] agree; a causal LM's label row counts its -100
+prompt positions) or, with ``exact``, when the id sequences are equal.
+
+A new entry's value starts (``val_init``) ``cold``: uniform in [0, 1) (the default), or ``warm``:
+the layer's output at the key token. The values of the entries an edit touched are then trained
+with Adam (lr ``edit_lr``, a fresh optimizer per edit, ``num_iter`` steps, no early stop) on the
+model's own loss; everything else is frozen. ``val_train=adv`` adds N(0, 1) noise to the value
+of every example of the edit batch but the first at each training forward (the repository's
+perturbation; a no-op for its batches of one); ``sgd`` (default) trains plainly.
+
+Which records are edited: the runner cuts the stream into ``batch_size`` records per edit (1 by
+default, as the repository), and of those only the ones the edited model still gets wrong are
+edited (``error_filter``, :func:`btp.editors.common.records_to_edit`); the others count in the
+stream but train nothing.
 
 Inference: one nearest-key search per forward for the whole batch (``keys @ codebook.T`` with
 squared norms); an example whose key is inside its nearest entry's ball gets that entry's value
 at the replaced positions; any other example, and every other position, gets the layer's own
 output bit for bit (``torch.where``).
 
-Config (section ``grace``): ``layer`` (null: see :func:`default_grace_layer`), ``init_radius``,
-``edit_lr``, ``num_iter``, ``replacement`` (``replace_last`` | ``replace_prompt``),
-``batch_size`` (used by the runner), ``label_match`` (``exact`` | ``sum``: MELO's quirk),
-``key_id`` (default -1) and ``key_position`` (``padded``: position ``key_id`` of the padded batch,
-as MELO, the default; ``last_real``: the last non-pad token). Missing keys take these defaults.
+The key token (``key_position``) and the replaced positions (``replacement``), per row of the
+layer input [n, L, d]:
 
-Replaced positions, per model kind (the "prompt" is what the wrapped layer sees as input, minus
-pads and, for causal LMs with labels, minus the label tokens):
+* ``auto`` (default) puts the key where the repository's falls at its batch size of one: T5, the
+  real token ``key_id`` from the end (``-1``: the last real token, ``</s>``); BERT, position
+  ``key_id`` of the input padded to its fixed length (the repository pads SCOTUS to 512 too);
+  GPT-2, the last prompt token (the last real position whose label is -100; the last real token
+  when a row has no such position, e.g. upstream text or a generation prompt).
+  ``padded``: position ``key_id`` of the padded batch; ``last_real``: the real token ``key_id``
+  from the end.
+* ``replace_prompt`` (default, the repository's ``config/editor/grace.yaml``): every position
+  before the key token, i.e. ``[:key]`` (with T5's default key, every input token but ``</s>``);
+  ``replace_last``: the key token only (the setting EasyEdit and WISE use for GRACE);
+  ``replace_all``: every position.
 
-* T5 (wrapped layer in the encoder): the encoder runs once per forward/generate, so its decision
-  holds for every decoder step. ``replace_last``: the last real (non-pad) input token;
-  ``replace_prompt``: every real input token.
-* BERT: as T5 (the whole input is the prompt).
-* GPT-2 (causal LM): ``replace_last``: the last prompt token, i.e. the position just before the
-  first label token when labels are passed (teacher-forced training and perplexity), else the
-  last real token; ``replace_prompt``: every real position whose label is -100 (all real
-  positions without labels). In ``generate`` only the prompt forward decides and replaces; the
-  cached one-token decoding steps are left untouched (without a KV cache, each full re-forward
-  gets the prompt forward's replacement again at the same prompt positions: same result).
+T5's encoder runs once per forward/generate, so its decision holds for every decoder step. In a
+GPT-2 ``generate`` only the prompt forward decides and replaces; the cached one-token steps are
+left untouched (without a KV cache each full re-forward gets the prompt forward's replacement
+again at the same positions: same result).
 
-Replacing at the key token itself would be a no-op for GPT-2 training (the last position of
-"prompt label<eos>" predicts nothing) and for T5/BERT whenever the padded key position is a pad
-(pads are masked out of attention), hence the "last real/prompt token" rule above.
+Config (section ``grace``): ``layer``, ``init_radius``, ``edit_lr``, ``num_iter``,
+``replacement``, ``batch_size`` (used by the runner), ``error_filter``, ``label_match``,
+``key_id``, ``key_position``, ``val_init``, ``eps_expand``, ``val_train``. Missing keys take the
+defaults above.
 """
 
 from __future__ import annotations
@@ -65,13 +82,18 @@ from torch import nn
 
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (
+    ERROR_FILTERS,
     cfg_get,
     cfg_str,
+    check_choice,
     get_module,
     layer_dims,
     model_device,
     model_inputs,
+    model_kind,
     read_safetensors,
+    records_to_edit,
+    select_rows,
     to_device,
     write_safetensors,
 )
@@ -79,9 +101,14 @@ from btp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-REPLACEMENTS = ("replace_last", "replace_prompt")
-KEY_POSITIONS = ("padded", "last_real")
-LABEL_MATCHES = ("exact", "sum")
+REPLACEMENTS = ("replace_prompt", "replace_last", "replace_all")
+KEY_POSITIONS = ("auto", "padded", "last_real")
+LABEL_MATCHES = ("mean", "exact")
+VAL_INITS = ("cold", "warm")
+EPS_EXPANDS = ("coverage", "moving_average")
+VAL_TRAINS = ("sgd", "adv")
+#: The margin the repository takes off the old entry's radius on a split (d/2 - 1e-5).
+SPLIT_MARGIN = 1e-5
 
 # GRACE's own layer where it differs from the model's MELO ``grace_layer`` (by HF model_type).
 # GRACE's SCOTUS experiments wrap BERT layer 10; its T5 (block 4 wo) and GPT-2 (h.35 c_fc)
@@ -122,6 +149,27 @@ def label_rows(labels: torch.Tensor) -> list[torch.Tensor]:
     return [row[row != -100].long() for row in labels]
 
 
+def label_means(batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """[n] float32: the mean of each example's label row as the repository's label test sees it.
+
+    Its batches hold one record, so a row is never padded: a T5 label row is its token ids, a
+    GPT-2 row is every real position (the prompt's -100 included), a class label is itself.
+    Here padding (T5: -100; GPT-2: attention mask 0) is left out so that batching changes nothing.
+    """
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.float()
+    am = batch.get("attention_mask")
+    means = []
+    for i, row in enumerate(labels):
+        if kind == "causal_lm" and am is not None and am.shape == labels.shape:
+            real = row[am[i].bool()]
+        else:
+            real = row[row != -100]
+        means.append(real.float().mean() if real.numel() else row.new_zeros((), dtype=torch.float32))
+    return torch.stack(means).float()
+
+
 class GraceCodebook(nn.Module):
     """A codebook attached to one layer through a forward hook.
 
@@ -130,32 +178,40 @@ class GraceCodebook(nn.Module):
     Calling the codebook calls the layer (so the hook applies); ``base_output`` bypasses it.
     The codebook is not a submodule of the model, so the editor saves its tensors explicitly
     (``codebook_state``).
+
+    Args:
+        layer: the wrapped Linear/Conv1D layer.
+        init_radius: epsilon of a new entry (and the margin of the add test).
+        replacement, key_position, key_id, label_match, eps_expand, val_train: see the module
+            docstring.
+        kind: ``seq2seq`` | ``classification`` | ``causal_lm`` (where ``auto`` puts the key).
     """
 
-    def __init__(self, layer: nn.Module, *, init_radius: float, replacement: str = "replace_last",
-                 key_position: str = "padded", key_id: int = -1,
-                 label_match: str = "exact") -> None:
+    def __init__(self, layer: nn.Module, *, init_radius: float, replacement: str = "replace_prompt",
+                 key_position: str = "auto", key_id: int = -1, label_match: str = "mean",
+                 eps_expand: str = "coverage", val_train: str = "sgd",
+                 kind: str = "seq2seq") -> None:
         super().__init__()
-        if replacement not in REPLACEMENTS:
-            raise ConfigError(f"grace.replacement must be one of {REPLACEMENTS}, got {replacement!r}")
-        if key_position not in KEY_POSITIONS:
-            raise ConfigError(f"grace.key_position must be one of {KEY_POSITIONS}, got {key_position!r}")
-        if label_match not in LABEL_MATCHES:
-            raise ConfigError(f"grace.label_match must be one of {LABEL_MATCHES}, got {label_match!r}")
+        self.replacement = check_choice("grace", "replacement", replacement, REPLACEMENTS)
+        self.key_position = check_choice("grace", "key_position", key_position, KEY_POSITIONS)
+        self.label_match = check_choice("grace", "label_match", label_match, LABEL_MATCHES)
+        self.eps_expand = check_choice("grace", "eps_expand", eps_expand, EPS_EXPANDS)
+        self.val_train = check_choice("grace", "val_train", val_train, VAL_TRAINS)
         self.layer = layer
         self.in_dim, self.out_dim = layer_dims(layer)
         self.init_radius = float(init_radius)
-        self.replacement = replacement
-        self.key_position = key_position
         self.key_id = int(key_id)
-        self.label_match = label_match
+        self.kind = kind
         w = next(layer.parameters())
         dev, dt = w.device, w.dtype
         self.register_buffer("keys", torch.zeros(0, self.in_dim, device=dev, dtype=dt), persistent=False)
         self.register_buffer("values", torch.zeros(0, self.out_dim, device=dev, dtype=dt), persistent=False)
         self.register_buffer("radii", torch.zeros(0, device=dev, dtype=dt), persistent=False)
-        # Labels as rows of token ids padded with -100 (classification: one id per row).
+        # Labels as rows of token ids padded with -100 (classification: one id per row), and
+        # each label's mean (float32, the repository's comparison) for label_match=mean.
         self.register_buffer("labels", torch.full((0, 1), -100, device=dev, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("label_means", torch.zeros(0, device=dev, dtype=torch.float32),
                              persistent=False)
         self.conflicts = 0
         # Per-forward state, set by the editor; never module-level globals.
@@ -182,6 +238,7 @@ class GraceCodebook(nn.Module):
     # ----------------------------------------------------------------------------- codebook
     @property
     def size(self) -> int:
+        """Number of entries."""
         return int(self.keys.shape[0])
 
     def nearest(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,16 +252,17 @@ class GraceCodebook(nn.Module):
         d2min, idx = d2.clamp_min_(0.0).min(dim=1)
         return idx, d2min.sqrt()
 
-    def _labels_equal(self, entry: int, label: torch.Tensor) -> bool:
+    def labels_agree(self, entry: int, label: torch.Tensor, mean: torch.Tensor | float) -> bool:
+        """Whether an edit's label agrees with entry ``entry``'s (``label_match``)."""
+        if self.label_match == "mean":
+            # float32 equality of the means, as the repository compares them
+            return bool(self.label_means[entry] == torch.as_tensor(mean, dtype=torch.float32))
         stored = self.labels[entry]
         stored = stored[stored != -100]
-        if self.label_match == "sum":
-            # MELO's original comparison (sum of ids, -100 as 0): a hash with collisions.
-            return int(stored.sum()) == int(label.sum())
         return stored.shape == label.shape and bool(torch.equal(stored, label.to(stored.device)))
 
     def _append(self, key: torch.Tensor, value: torch.Tensor, radius: float,
-                label: torch.Tensor) -> int:
+                label: torch.Tensor, mean: torch.Tensor | float) -> int:
         dev = self.keys.device
         width = max(self.labels.shape[1], int(label.numel()), 1)
         labels = self.labels
@@ -216,27 +274,40 @@ class GraceCodebook(nn.Module):
         self.values = torch.cat([self.values, value.detach().to(self.values)[None]])
         self.radii = torch.cat([self.radii, self.radii.new_tensor([radius])])
         self.labels = torch.cat([labels, row])
+        self.label_means = torch.cat([self.label_means,
+                                      torch.as_tensor(mean, dtype=torch.float32, device=dev).reshape(1)])
         return self.size - 1
 
-    def add_or_update(self, key: torch.Tensor, value_init: torch.Tensor,
-                      label: torch.Tensor) -> tuple[int, str]:
+    def add_or_update(self, key: torch.Tensor, label: torch.Tensor, new_value: Callable[[], torch.Tensor],
+                      mean: torch.Tensor | float | None = None) -> tuple[int, str]:
         """Apply GRACE's rule for one edit; returns (entry index to train, rule applied).
+
+        Args:
+            key: [in] the edit's key.
+            label: 1-D label token ids (-100 dropped), for ``label_match=exact``.
+            new_value: makes the initial value ([out]) of a new entry; called only on add/split.
+            mean: the label row's mean (:func:`label_means`); default the mean of ``label``.
 
         The rule is one of "add", "expand", "split" (see the module docstring).
         """
+        if mean is None:
+            mean = label.float().mean()
         if self.size == 0:
-            return self._append(key, value_init, self.init_radius, label), "add"
+            return self._append(key, new_value(), self.init_radius, label, mean), "add"
         idx, dist = self.nearest(key[None])
         j, d = int(idx[0]), float(dist[0])
         if d > float(self.radii[j]) + self.init_radius:
-            return self._append(key, value_init, self.init_radius, label), "add"
-        if self._labels_equal(j, label):
+            return self._append(key, new_value(), self.init_radius, label, mean), "add"
+        if self.labels_agree(j, label, mean):
             if d > float(self.radii[j]):
+                if self.eps_expand == "moving_average":
+                    self.keys[j] = 0.5 * self.keys[j] + 0.5 * key.detach().to(self.keys)
                 self.radii[j] = d
             return j, "expand"
-        self.radii[j] = d / 2.0
+        new = self._append(key, new_value(), d / 2.0, label, mean)
+        self.radii[j] = d / 2.0 - SPLIT_MARGIN
         self.conflicts += 1
-        return self._append(key, value_init, d / 2.0, label), "split"
+        return new, "split"
 
     def codebook_state(self) -> dict[str, torch.Tensor]:
         """Tensors-only codebook (for checkpoints and save_pretrained)."""
@@ -245,6 +316,7 @@ class GraceCodebook(nn.Module):
             "values": self.values.detach().clone(),
             "radii": self.radii.detach().clone(),
             "labels": self.labels.detach().clone(),
+            "label_means": self.label_means.detach().clone(),
             "conflicts": torch.tensor(self.conflicts, dtype=torch.long),
         }
 
@@ -261,27 +333,46 @@ class GraceCodebook(nn.Module):
         self.values = state["values"].to(dev, self.values.dtype)
         self.radii = state["radii"].to(dev, self.radii.dtype)
         self.labels = state["labels"].to(dev, torch.long)
+        means = state.get("label_means")
+        if means is None:  # a state written without means: the mean of each stored label
+            means = torch.stack([r[r != -100].float().mean() for r in self.labels]) \
+                if self.labels.shape[0] else torch.zeros(0)
+        self.label_means = means.to(dev, torch.float32)
         self.conflicts = int(state["conflicts"])
 
     # ----------------------------------------------------------------------------- forward
-    def _key_index(self, n: int, length: int, device: torch.device) -> torch.Tensor:
-        """[n] position of the key token in each row."""
-        am = self.ctx.attention_mask if self.ctx is not None else None
-        if self.key_position == "last_real" and am is not None and am.shape == (n, length):
-            return _last_true(am.bool())
-        return torch.full((n,), self.key_id % length, dtype=torch.long, device=device)
-
-    def _replace_mask(self, n: int, length: int, device: torch.device) -> torch.Tensor:
-        """[n, L] bool: positions whose output an active entry replaces."""
-        pm = self.ctx.prompt_mask if self.ctx is not None else None
+    def key_index(self, n: int, length: int, device: torch.device) -> torch.Tensor:
+        """[n] position of the key token in each row (``key_position``, module docstring)."""
+        ctx = self.ctx
+        am = ctx.attention_mask if ctx is not None else None
+        real = am.bool() if am is not None and am.shape == (n, length) else None
+        mode = self.key_position
+        if mode == "auto":
+            mode = {"seq2seq": "last_real", "classification": "padded",
+                    "causal_lm": "last_prompt"}[self.kind]
+        if mode == "padded" or real is None:
+            k = min(self.key_id, length - 1) if self.key_id >= 0 else max(self.key_id, -length) % length
+            return torch.full((n,), k, dtype=torch.long, device=device)
+        last = _last_true(real)
+        if mode == "last_real":
+            # rows are right-padded: real tokens sit at [0, count)
+            count = real.sum(1).clamp_min(1)
+            k = torch.full_like(count, self.key_id) + (0 if self.key_id >= 0 else count)
+            return torch.minimum(k.clamp_min(0), count - 1)
+        pm = ctx.prompt_mask if ctx is not None else None
         if pm is None or pm.shape != (n, length):
-            pm = torch.ones(n, length, dtype=torch.bool, device=device)
+            return last
+        has_prompt = pm.any(1)
+        return torch.where(has_prompt, _last_true(pm), last)
+
+    def replace_mask(self, kpos: torch.Tensor, length: int) -> torch.Tensor:
+        """[n, L] bool: positions an active entry replaces, given the key positions [n]."""
+        pos = torch.arange(length, device=kpos.device)[None]
         if self.replacement == "replace_prompt":
-            return pm
-        last = _last_true(pm)
-        mask = torch.zeros(n, length, dtype=torch.bool, device=device)
-        mask[torch.arange(n, device=device), last] = True
-        return mask
+            return pos < kpos[:, None]
+        if self.replacement == "replace_last":
+            return pos == kpos[:, None]
+        return torch.ones(kpos.shape[0], length, dtype=torch.bool, device=kpos.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer with the codebook applied (the hook does the work)."""
@@ -294,37 +385,39 @@ class GraceCodebook(nn.Module):
 
     def apply_codebook(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The layer's output ``out`` for input ``x`` after the codebook's decision."""
-        flat = x.dim() == 2  # a [n, d] input (no sequence axis) counts as length 1
+        flat = x.dim() == 2  # a [n, d] input (no sequence axis): its one position is replaced
         xs, os_ = (x[:, None], out[:, None]) if flat else (x, out)
         n, length = xs.shape[0], xs.shape[1]
         if self.ctx is not None and self.ctx.generating:
             self.ctx.calls += 1
             if self.ctx.calls > 1:  # a later step: only the prompt forward decides
                 return self._reapply(os_, flat)
+        rows = torch.arange(n, device=xs.device)
+        if flat:
+            kpos = torch.zeros(n, dtype=torch.long, device=xs.device)
+            rmask = torch.ones(n, 1, dtype=torch.bool, device=xs.device)
+        else:
+            kpos = self.key_index(n, length, xs.device)
+            rmask = self.replace_mask(kpos, length)
         if self.mode == "capture":
-            kpos = self._key_index(n, length, xs.device)
-            rows = torch.arange(n, device=xs.device)
-            rmask = self._replace_mask(n, length, xs.device)
-            # Initial value: the layer's own output averaged over the replaced positions, so a
-            # fresh entry starts as (nearly) the identity edit.
-            w = rmask.to(os_.dtype)[..., None]
-            init = (os_ * w).sum(1) / w.sum(1).clamp_min(1.0)
-            self.captured = {"keys": xs[rows, kpos].detach(), "init": init.detach()}
+            # keys, and the layer output at the key token (``val_init=warm``)
+            self.captured = {"keys": xs[rows, kpos].detach(), "warm": os_[rows, kpos].detach()}
             raise _StopForward
         if self.mode == "train":
             vals = self.train_values[self.train_assign].to(os_.dtype)  # [n, out]
-            rmask = self._replace_mask(n, length, xs.device)
+            if self.val_train == "adv":
+                noise = torch.randn_like(vals)
+                noise[0] = 0.0  # the first example keeps its clean value
+                vals = vals + noise
             res = torch.where(rmask[..., None], vals[:, None, :], os_)
             return res[:, 0] if flat else res
         if self.size == 0:
             return out
-        kpos = self._key_index(n, length, xs.device)
-        keys = xs[torch.arange(n, device=xs.device), kpos]
-        idx, dist = self.nearest(keys)
+        idx, dist = self.nearest(xs[rows, kpos])
         hit = dist <= self.radii[idx]
         if not bool(hit.any()):
             return out
-        rmask = self._replace_mask(n, length, xs.device) & hit[:, None]
+        rmask = rmask & hit[:, None]
         vals = self.values[idx].to(os_.dtype)
         if self.ctx is not None and self.ctx.generating:
             self.ctx.decision = (rmask, vals)
@@ -358,8 +451,9 @@ def _last_true(mask: torch.Tensor) -> torch.Tensor:
 
 
 def default_grace_layer(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> str:
-    """The layer GRACE wraps, first set of: ``grace.layer``, ``model.grace_baseline_layer``,
-    GRACE's own layer for the model type (when the model has it), ``model.grace_layer``."""
+    """The layer GRACE (and the GRACE repository's fine-tuning) edits, first set of:
+    ``<section>.layer``, ``model.grace_baseline_layer``, GRACE's own layer for the model type
+    (when the model has it), ``model.grace_layer``."""
     for name in (cfg_get(alg_cfg, "layer"), cfg_get(model_cfg, "grace_baseline_layer")):
         if name:
             return str(name)
@@ -370,7 +464,8 @@ def default_grace_layer(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> str:
         return own
     name = cfg_get(model_cfg, "grace_layer")
     if not name:
-        raise ConfigError("GRACE needs a layer: set grace.layer or model.grace_baseline_layer")
+        raise ConfigError("GRACE (and FT) need a layer: set grace.layer (ft.layer) or "
+                          "model.grace_baseline_layer")
     return str(name)
 
 
@@ -394,25 +489,35 @@ class GraceEditor(Editor):
         super().__init__(model, alg_cfg, model_cfg, upstream_batches)
         self.layer_name = default_grace_layer(model, alg_cfg, model_cfg)
         layer = get_module(model, self.layer_name)
+        self.kind = model_kind(model)
         self.codebook = GraceCodebook(
             layer,
             init_radius=float(cfg_get(alg_cfg, "init_radius", 1.0)),
-            replacement=cfg_str(alg_cfg, "replacement", "replace_last"),
-            key_position=cfg_str(alg_cfg, "key_position", "padded"),
+            replacement=cfg_str(alg_cfg, "replacement", "replace_prompt"),
+            key_position=cfg_str(alg_cfg, "key_position", "auto"),
             key_id=int(cfg_get(alg_cfg, "key_id", -1)),
-            label_match=cfg_str(alg_cfg, "label_match", "exact"),
+            label_match=cfg_str(alg_cfg, "label_match", "mean"),
+            eps_expand=cfg_str(alg_cfg, "eps_expand", "coverage"),
+            val_train=cfg_str(alg_cfg, "val_train", "sgd"),
+            kind=self.kind,
         )
+        self.val_init = check_choice("grace", "val_init", cfg_str(alg_cfg, "val_init", "cold"),
+                                     VAL_INITS)
+        self.error_filter = check_choice("grace", "error_filter",
+                                         cfg_str(alg_cfg, "error_filter", "original"), ERROR_FILTERS)
         self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1.0))
         self.num_iter = int(cfg_get(alg_cfg, "num_iter", 100))
-        self.is_seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        log.info("GRACE wraps %s (key dim %d, value dim %d), replacement=%s, key=%s",
-                 self.layer_name, self.codebook.in_dim, self.codebook.out_dim,
-                 self.codebook.replacement, self.codebook.key_position)
+        self.is_seq2seq = self.kind == "seq2seq"
+        self.skipped = 0  # records the filter left unedited (the model already got them right)
+        log.info("GRACE wraps %s (key dim %d, value dim %d), replacement=%s, key=%s, "
+                 "val_init=%s, error_filter=%s", self.layer_name, self.codebook.in_dim,
+                 self.codebook.out_dim, self.codebook.replacement, self.codebook.key_position,
+                 self.val_init, self.error_filter)
 
     # ------------------------------------------------------------------------------ helpers
     def _causal(self, batch: dict[str, torch.Tensor]) -> bool:
         labels = batch.get("labels")
-        return not self.is_seq2seq and labels is not None and labels.dim() == 2
+        return self.kind == "causal_lm" and labels is not None and labels.dim() == 2
 
     @contextmanager
     def _context(self, ctx: ForwardContext, mode: str = "infer") -> Iterator[None]:
@@ -423,14 +528,27 @@ class GraceEditor(Editor):
             self.codebook.ctx, self.codebook.mode = None, "infer"
             self.codebook.train_values = self.codebook.train_assign = None
 
+    def _new_value(self, warm: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The initial value of a new entry: uniform [0, 1) (``cold``) or ``warm`` ([out])."""
+        cb = self.codebook
+        if self.val_init == "warm":
+            return lambda: warm
+        return lambda: torch.rand(cb.out_dim, device=cb.values.device).to(cb.values.dtype)
+
     # ---------------------------------------------------------------------------- interface
     def edit(self, batch: dict[str, torch.Tensor]) -> EditOutcome:
-        t0 = time.perf_counter()
         batch = to_device(model_inputs(batch), model_device(self.base_model))
+        rows = records_to_edit(self, batch, self.kind, self.error_filter)
+        self.skipped += int((~rows).sum())
+        if not bool(rows.any()):
+            log.debug("GRACE: the model already gets these %d record(s) right; nothing edited",
+                      int(rows.numel()))
+            return EditOutcome()
+        batch = select_rows(batch, rows, self.kind)
+        t0 = time.perf_counter()
         causal = self._causal(batch)
-        ctx = make_context(batch, causal)
-        # 1) keys and initial values: run the model up to the wrapped layer only.
-        with self._context(ctx, "capture"), torch.no_grad():
+        # 1) keys (and warm values): run the model up to the wrapped layer only.
+        with self._context(make_context(batch, causal), "capture"), torch.no_grad():
             try:
                 self.base_model(**batch)
             except _StopForward:
@@ -440,9 +558,11 @@ class GraceEditor(Editor):
         if "keys" not in cap:
             raise ConfigError(f"GRACE layer {self.layer_name} was not reached by the forward pass")
         # 2) codebook rules, one example at a time (later examples see earlier ones).
+        means = label_means(batch, self.kind)
         entries: list[int] = []
         for i, label in enumerate(label_rows(batch["labels"])):
-            j, rule = self.codebook.add_or_update(cap["keys"][i], cap["init"][i], label)
+            j, rule = self.codebook.add_or_update(cap["keys"][i], label,
+                                                  self._new_value(cap["warm"][i]), means[i])
             entries.append(j)
             log.debug("GRACE edit example %d: %s entry %d", i, rule, j)
         uniq = sorted(set(entries))
@@ -450,9 +570,9 @@ class GraceEditor(Editor):
         dev = self.codebook.values.device
         assign = torch.tensor([where[e] for e in entries], dtype=torch.long, device=dev)
         index = torch.tensor(uniq, dtype=torch.long, device=dev)
-        # 3) train only the touched values with SGD; fresh optimizer per batch.
+        # 3) train only the touched values with Adam; fresh optimizer per edit.
         values = self.codebook.values[index].clone().requires_grad_(True)
-        opt = torch.optim.SGD([values], lr=self.edit_lr)
+        opt = torch.optim.Adam([values], lr=self.edit_lr)
         losses: list[float] = []
         with self._context(make_context(batch, causal), "train"), torch.enable_grad():
             self.codebook.train_values, self.codebook.train_assign = values, assign
@@ -485,18 +605,24 @@ class GraceEditor(Editor):
         return {"clusters": self.codebook.size, "conflicts": self.codebook.conflicts, "forgotten": 0}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"grace.{k}": v for k, v in self.codebook.codebook_state().items()}
+        state = {f"grace.{k}": v for k, v in self.codebook.codebook_state().items()}
+        state["grace.skipped"] = torch.tensor(self.skipped, dtype=torch.long)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.codebook.load_codebook_state(
             {k[len("grace."):]: v for k, v in state.items() if k.startswith("grace.")})
+        self.skipped = int(state.get("grace.skipped", torch.tensor(0)))
 
     def _meta(self) -> dict[str, Any]:
         cb = self.codebook
         return {"alg": "grace", "layer": self.layer_name, "init_radius": cb.init_radius,
                 "replacement": cb.replacement, "key_position": cb.key_position, "key_id": cb.key_id,
-                "label_match": cb.label_match, "key_dim": cb.in_dim, "value_dim": cb.out_dim,
-                "entries": cb.size, "conflicts": cb.conflicts}
+                "label_match": cb.label_match, "eps_expand": cb.eps_expand,
+                "val_train": cb.val_train, "val_init": self.val_init,
+                "edit_lr": self.edit_lr, "num_iter": self.num_iter,
+                "error_filter": self.error_filter, "key_dim": cb.in_dim, "value_dim": cb.out_dim,
+                "entries": cb.size, "conflicts": cb.conflicts, "skipped": self.skipped}
 
     def save_pretrained(self, directory: str | Path) -> None:
         write_safetensors(directory, SAFETENSORS_NAME, self.codebook.codebook_state(),
@@ -507,9 +633,11 @@ class GraceEditor(Editor):
                         model_cfg: Any = None) -> "GraceEditor":
         """Rebuild an editor around ``model`` from a :meth:`save_pretrained` directory."""
         tensors, meta = read_safetensors(directory, SAFETENSORS_NAME, CONFIG_NAME)
-        alg_cfg = {k: meta[k] for k in ("init_radius", "replacement", "key_position", "key_id",
-                                        "label_match")}
+        keys = ("init_radius", "replacement", "key_position", "key_id", "label_match",
+                "eps_expand", "val_train", "val_init", "edit_lr", "num_iter", "error_filter")
+        alg_cfg = {k: meta[k] for k in keys if k in meta}
         alg_cfg["layer"] = meta["layer"]
         editor = cls(model, alg_cfg, model_cfg)
         editor.codebook.load_codebook_state(tensors)
+        editor.skipped = int(meta.get("skipped", 0))
         return editor
