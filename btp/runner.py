@@ -4,9 +4,9 @@ Order of work (cheap checks first, so that bad input fails before a model is loa
 validate the config (types at compose time, ranges in ``btp.schema.check_values``) -> lock the run
 dir and remove temporary files of killed writers (``btp.rundir``) -> refuse a run dir holding a run
 of another result-changing config; return a finished run's summary as is -> read and verify any
-checkpoint -> record the config (``run_config.json``) -> seed -> load and check data -> load model
-and tokenizer -> build the editor and let it check the stream -> restore the checkpoint or evaluate
-the unedited model -> the editing loop -> ``adapter/`` and ``summary.json``.
+checkpoint -> seed -> load and check data -> load model and tokenizer -> build the editor and let
+it check the stream -> restore the checkpoint -> record the config (``run_config.json``) -> evaluate
+the unedited model (fresh run) -> the editing loop -> ``adapter/`` and ``summary.json``.
 
 Errors the user can fix are ``btp.errors.UserError``; ``run.py`` turns them into one line on stderr
 and exit code 2, and no ``summary.json`` exists after a failed run. A full disk is a
@@ -250,9 +250,7 @@ def _run_locked(cfg: DictConfig, rundir: RunDir, progress: bool, start: float) -
     last_ckpt = _Checkpointed(saved[1]["batches_done"] if saved is not None else None,
                               saved[1]["n_batches"] if saved is not None else None)
     try:
-        rundir.claim(config)
-        (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
-        return _run_claimed(cfg, run_dir, config, saved, progress, start, last_ckpt)
+        return _run_work(cfg, rundir, config, saved, progress, start, last_ckpt)
     except RunInterrupted as e:
         raise RunInterrupted(e.signum, f"{e.signal_name} received: the run stopped; "
                              f"{last_ckpt.resume_hint(run_dir)}") from None
@@ -279,10 +277,15 @@ class _Checkpointed:
                 f"checkpoint ({self.batches_done} of {self.n_batches} edit batches done)")
 
 
-def _run_claimed(cfg: DictConfig, run_dir: Path, config: dict[str, Any],
-                 saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, progress: bool,
-                 start: float, checkpointed: _Checkpointed) -> dict[str, Any]:
-    """Load data and model, restore or start, edit, write the outputs."""
+def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
+              saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, progress: bool,
+              start: float, checkpointed: _Checkpointed) -> dict[str, Any]:
+    """Load data and model, restore or start, claim the run dir, edit, write the outputs.
+
+    The run dir is claimed (``run_config.json``) only once everything is loaded and verified, just
+    before the first result file is written: a command that fails earlier leaves it as it was.
+    """
+    run_dir = rundir.path
     from btp.data import Collator, check_labels, load_task_data
     from btp.editors import EDITORS
     from btp.models import load_model_and_tokenizer
@@ -335,6 +338,8 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, config: dict[str, Any],
         log.info("resuming from %s: %d of %d batches done", ckpt_dir, state.batches_done,
                  len(stream))
 
+    rundir.claim(config)
+    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
     metrics_log = MetricsLog(run_dir, cfg.wandb, config,
                              f"{task}-{cfg.alg.name}-{cfg.model.name}", wandb_id)
     metrics_log.reset(state.records)

@@ -18,7 +18,8 @@ key                         meaning                                             
 ``zsre_holdout_swap_bug``   reproduce the original's holdout text/label swap     ``false``
 ``edit_permutation_seed``   numpy seed of the zsRE edit permutation              ``42``
 ``nq_file``                 NQ upstream file                                     ``nq_train.json``
-``n_upstream``              upstream records kept (first n), every task          ``1000``
+``n_upstream``              upstream records kept (first n), every task; null =  ``1000``
+                            all (scotus: the whole train split)
 ``scotus_source``           ``auto`` | ``hub`` | ``csv`` | ``lexglue``           ``auto``
 ``scotus_hub_id``           hub id for ``scotus_source=hub``                     ``tomh/grace-scotus``
 ``scotus_lexglue_file``     LexGLUE raw file                                     ``scotus/scotus.jsonl``
@@ -59,6 +60,8 @@ _ALIASES = {"zsre": "qa", "hallucinations": "hallucination"}
 
 #: MELO's default number of zsRE edits when ``max_n_edits`` is not given.
 DEFAULT_QA_EDITS = 1000
+#: Upstream records when ``n_upstream`` is absent (null keeps them all).
+DEFAULT_N_UPSTREAM = 1000
 
 
 def load_task_data(
@@ -88,9 +91,16 @@ def load_task_data(
     def get(key: str, default: Any) -> Any:
         return cfg_get(data_cfg, key, default)
 
-    n_upstream = get("n_upstream", 1000)
-    if isinstance(n_upstream, bool) or not isinstance(n_upstream, int) or n_upstream < 1:
-        raise DataError(f"data.n_upstream={n_upstream!r}: use an integer >= 1")
+    # Absent: 1000; null: every upstream record (scotus: the whole train split, as the original).
+    if data_cfg is None:
+        n_upstream = DEFAULT_N_UPSTREAM
+    elif isinstance(data_cfg, dict):
+        n_upstream = data_cfg.get("n_upstream", DEFAULT_N_UPSTREAM)
+    else:
+        n_upstream = getattr(data_cfg, "n_upstream", DEFAULT_N_UPSTREAM)
+    if n_upstream is not None and (isinstance(n_upstream, bool) or not isinstance(n_upstream, int)
+                                   or n_upstream < 1):
+        raise DataError(f"data.n_upstream={n_upstream!r}: use an integer >= 1 (or null for all)")
     if max_n_edits is not None and (isinstance(max_n_edits, bool)
                                     or not isinstance(max_n_edits, int) or max_n_edits < 1):
         raise DataError(f"max_n_edits={max_n_edits!r}: use an integer >= 1 (or null)")

@@ -61,8 +61,9 @@ def check_label(label: int, where: str, num_labels: int | None, shown: Any = Non
     """``label`` when it is in ``0 .. num_labels - 1`` (or >= 0 when the count is unknown)."""
     if label < 0 or (num_labels is not None and label >= num_labels):
         allowed = f"0..{num_labels - 1}" if num_labels is not None else "labels >= 0"
-        raise DataError(f"{where}: label {shown if shown is not None else label!r} is outside the "
-                        f"label set ({allowed}); fix the record or model.num_labels")
+        shown = repr(label) if shown is None else shown
+        raise DataError(f"{where}: label {shown} is outside the label set ({allowed}); fix the "
+                        "record or model.num_labels")
     return label
 
 
