@@ -121,6 +121,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("max_n_edits must be >= 1 (or null for the whole stream)")
 
 
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as plain data (what ``run_config.json`` and the checkpoint record),
+    without a ``hydra`` node that a config composed with ``return_hydra_config`` carries."""
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
 def edit_batch_size(cfg: DictConfig) -> int:
     """Records per edit (one ``Editor.edit`` call): the algorithm section's ``batch_size`` when
     it has one that is not null (GRACE: 1, it edits one record at a time), else
@@ -233,7 +241,7 @@ def _run_locked(cfg: DictConfig, rundir: RunDir, progress: bool, start: float) -
     run_dir = rundir.path
     rundir.remove_stale_tmp()
     task = _value(cfg.task)
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config = resolved_config(cfg)
     identity = {"task": task, "alg": cfg.alg.name, "model": cfg.model.name, "seed": cfg.seed}
     ckpt_dir = run_dir / "checkpoint"
     # A finished run needs no checkpoint; a partial one is verified before anything else.

@@ -49,10 +49,13 @@ def test_kill_and_resume(reference: Path, tmp_path: Path, kill_at: str,
     saved = checkpoint.load(tmp_path / "checkpoint")
     assert saved is not None
     assert saved[1]["batches_done"] == done_after_kill  # at most the batch in progress is lost
+    if kill_at.endswith("before_replace"):  # the killed writer's temporary file is left...
+        assert list((tmp_path / "checkpoint").glob(".state.safetensors.tmp-*"))
 
     resumed = run_cli(tmp_path, *ARGS)
     assert resumed.returncode == 0, explain(resumed)
     assert "resuming from" in (tmp_path / "run.log").read_text()
+    assert not list(tmp_path.rglob("*.tmp-*"))  # ...and removed by the next start
     assert _drop_times(read_summary(tmp_path)) == _drop_times(read_summary(reference))
     assert _drop_times(read_metrics(tmp_path)) == _drop_times(read_metrics(reference))
 

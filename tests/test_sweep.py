@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from btp import sweep
-from btp.errors import ConfigError
+from btp.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
@@ -240,9 +240,44 @@ def test_runner_returns_a_finished_run_untouched(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr("btp.data.load_task_data", no_data)
     assert runner.run(cfg, run_dir=tmp_path, progress=False) == summary
     assert (tmp_path / "summary.json").stat().st_mtime_ns == before
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(UserError, match=r"different config \(seed: 3 -> 4; from its summary.json"):
         runner.run(_compose(TINY_RUN + ["seed=4"]), run_dir=tmp_path, progress=False)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_run_dir_record_decides_what_a_rerun_may_change(tmp_path: Path) -> None:
+    """``run_config.json`` names the run: result-changing keys must match (a finished or a
+    partial run), wandb/device/checkpoint may differ; Hydra files are put back when refused."""
+    from btp.rundir import RunDir
+
+    from btp.runner import resolved_config
+
+    cfg = resolved_config(_compose(TINY_RUN))
+    ident = {"task": "qa", "alg": "melo", "model": "tiny-t5small", "seed": 0}
+    hydra = tmp_path / ".hydra"
+    hydra.mkdir()
+    (hydra / "overrides.yaml").write_text("- melo.edit_lr=0.03\n")
+    rd = RunDir(tmp_path, hydra_subdir=".hydra")
+    rd.check({**cfg, "seed": 9}, ident)  # nothing here yet: any config may start
+    rd.claim(cfg)
+    rd.check({**cfg, "seed": 9}, ident)  # a record alone (a run that failed early) binds nothing
+    (tmp_path / "summary.json").write_text(json.dumps(ident))
+    rd.check({**cfg, "device": "cuda:1", "wandb": {"mode": "offline"},
+              "checkpoint": {"enabled": False}}, ident)
+    changed = {**cfg, "melo": {**cfg["melo"], "edit_lr": 0.05}, "max_n_edits": 7}
+    with pytest.raises(UserError, match=r"finished run made with a different config "
+                       r"\(max_n_edits: None -> 7, melo.edit_lr: 0.03 -> 0.05"):
+        rd.check(changed, ident)
+    (hydra / "overrides.yaml").write_text("- melo.edit_lr=0.05\n")  # what Hydra wrote
+    (hydra / "config.yaml").write_text("stray")
+    assert sorted(rd.restore_hydra()) == ["config.yaml", "overrides.yaml"]
+    assert (hydra / "overrides.yaml").read_text() == "- melo.edit_lr=0.03\n"
+    assert not (hydra / "config.yaml").exists()
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="partial run .* to resume it"):
+        rd.check(changed, ident)
 
 
 @pytest.mark.slow
