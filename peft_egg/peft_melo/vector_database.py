@@ -3,8 +3,12 @@
 Each cluster has a center (key-dim), a radius, a label (that of the example that created it) and
 points (key, block). Routing sends a key to the block of the nearest point of the nearest cluster,
 or to no block (-1) when the key lies outside that cluster's radius. All routing is batched
-tensor work; an update (once per edit batch) is batched except for the rare clusters that see a
-label conflict in the batch, which are replayed in example order to keep the original's semantics.
+tensor work; an update (once per edit batch) is batched except for the clusters that several keys
+of the batch reach, which are replayed in example order to keep the original's semantics.
+
+Storage grows in amortized O(1) per insert: clusters and points live in buffers with spare
+capacity; a forgotten point is marked dead (cluster id -1) instead of compacting the table, and
+only an index of point rows (sorted by cluster) is rebuilt per update.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ def _lowest_index_min(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.
     return chosen, best
 
 
+def _grown(buffer: torch.Tensor, used: int, capacity: int, fill: float | int | None = None) -> torch.Tensor:
+    """A buffer of ``capacity`` rows holding the first ``used`` rows of ``buffer``."""
+    out = buffer.new_empty((capacity, *buffer.shape[1:])) if fill is None \
+        else buffer.new_full((capacity, *buffer.shape[1:]), fill)
+    out[:used] = buffer[:used]
+    return out
+
+
 def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
     """Right-pad label rows with -100 (the HF ignore index) up to ``width`` columns."""
     if rows.shape[1] >= width:
@@ -69,35 +81,79 @@ class VectorDatabase:
             raise ValueError(f"label_match must be 'sum' or 'exact', got {label_match!r}")
         self.init_radius = float(init_radius)
         self.label_match: LabelMatch = label_match
-        self.centers = torch.empty(0, 0)  # [C, d] float32
-        self.center_sq = torch.empty(0)  # [C] squared norms, cached for routing
-        self.radii = torch.empty(0)  # [C]
-        self.labels = torch.empty(0, 1, dtype=torch.long)  # [C, L], -100 padded
-        # Points are kept sorted by cluster so that a cluster's points are one contiguous run.
-        self.point_keys = torch.empty(0, 0)  # [P, d]
-        self.point_blocks = torch.empty(0, dtype=torch.long)  # [P], -1 = placeholder (no block)
-        self.point_clusters = torch.empty(0, dtype=torch.long)  # [P]
-        self.cluster_start = torch.empty(0, dtype=torch.long)  # [C] first point of each cluster
-        self.cluster_count = torch.empty(0, dtype=torch.long)  # [C] points per cluster
         self.conflicts = 0
         self.forgotten = 0
+        self._allocate(torch.empty(0, 0), 0, 0, 1)
+
+    def _allocate(self, like: torch.Tensor, n_clusters: int, n_points: int, label_width: int) -> None:
+        """Empty buffers of the given capacities, dtype float32 on ``like``'s device."""
+        d, dev = like.shape[-1], like.device
+        self._centers = torch.empty(n_clusters, d, device=dev)  # [capC, d]
+        self._center_sq = torch.empty(n_clusters, device=dev)  # [capC] squared norms for routing
+        self._radii = torch.empty(n_clusters, device=dev)  # [capC]
+        self._labels = torch.full((n_clusters, label_width), -100, dtype=torch.long, device=dev)  # [capC, L]
+        self._n = 0
+        self._pkeys = torch.empty(n_points, d, device=dev)  # [capP, d]
+        self._pblocks = torch.empty(n_points, dtype=torch.long, device=dev)  # [capP], -1 = no block
+        self._pclusters = torch.empty(n_points, dtype=torch.long, device=dev)  # [capP], -1 = dead row
+        self._np = 0
+        self._dead = 0
+        self._reindex()
 
     # ------------------------------------------------------------------ basic views
     def __len__(self) -> int:
-        return int(self.radii.shape[0])
+        return self._n
+
+    @property
+    def centers(self) -> torch.Tensor:
+        """[C, d] cluster centers (a view: writes go to the database)."""
+        return self._centers[: self._n]
+
+    @property
+    def radii(self) -> torch.Tensor:
+        """[C] cluster radii (a view)."""
+        return self._radii[: self._n]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[C, L] label rows of the clusters, -100 padded (a view)."""
+        return self._labels[: self._n]
+
+    @property
+    def center_sq(self) -> torch.Tensor:
+        return self._center_sq[: self._n]
+
+    @property
+    def point_keys(self) -> torch.Tensor:
+        """[P, d] keys of the live points, grouped by cluster in insertion order (a copy)."""
+        return self._pkeys[self._order]
+
+    @property
+    def point_blocks(self) -> torch.Tensor:
+        """[P] block of each live point (-1: a no-block placeholder), as :attr:`point_keys`."""
+        return self._pblocks[self._order]
+
+    @property
+    def point_clusters(self) -> torch.Tensor:
+        """[P] cluster of each live point, as :attr:`point_keys`."""
+        return self._pclusters[self._order]
 
     @property
     def device(self) -> torch.device:
-        return self.radii.device
+        return self._radii.device
 
     def stats(self) -> dict[str, int]:
         """Database statistics: clusters, points, conflicts, forgotten points."""
         return {
             "clusters": len(self),
-            "points": int(self.point_blocks.shape[0]),
+            "points": int(self._order.shape[0]),
             "conflicts": int(self.conflicts),
             "forgotten": int(self.forgotten),
         }
+
+    def nbytes(self) -> int:
+        """Bytes held by the database's tensors (buffers with their spare capacity, and index)."""
+        return sum(v.element_size() * v.nelement() for v in vars(self).values() if isinstance(v, torch.Tensor))
 
     def to(self, device: torch.device | str) -> "VectorDatabase":
         """Move every tensor to ``device`` (in place); returns self."""
@@ -208,7 +264,7 @@ class VectorDatabase:
         if rows.shape[0] != keys.shape[0]:
             raise ValueError(f"{keys.shape[0]} keys but {rows.shape[0]} label rows")
         if len(self) == 0:
-            self._reset_storage(keys)
+            self._allocate(keys, max(16, keys.shape[0]), max(16, keys.shape[0]), rows.shape[1])
             new_radii = torch.full((keys.shape[0],), self.init_radius, device=keys.device)
             self._append_clusters(keys, new_radii, rows, block)
             self._reindex()
@@ -223,104 +279,121 @@ class VectorDatabase:
 
         # Keys alone at their cluster: decided from the old state, all at once.
         far = dist > self.radii[nearest] + self.init_radius
-        founders = far | ~same
+        founders = (far | ~same) & ~shared
         founder_radii = torch.where(far, torch.full_like(dist, self.init_radius), dist / 2 + CONFLICT_MARGIN)
-        founders &= ~shared
         expand = ~shared & ~far & same
         conflict = ~shared & ~far & ~same
-        new_points: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (keys, blocks, cluster)
-        rewritten: list[torch.Tensor] = []  # clusters whose point set is replaced
         if bool(expand.any()):
-            rewritten.append(nearest[expand])
-            new_points.append(self._expand_alone(keys[expand], nearest[expand], block))
+            self._expand_alone(keys[expand], nearest[expand], block)
         if bool(conflict.any()):
-            rewritten.append(nearest[conflict])
-            new_points.append(self._shrink_alone(nearest[conflict], dist[conflict]))
+            self._shrink_alone(nearest[conflict], dist[conflict])
 
         # Clusters reached by several keys: the same rules, in example order.
         if bool(shared.any()):
             order = shared.nonzero().squeeze(1)
-            replay_founder, replay_radius, replayed, points = self._replay(
+            founders[order], founder_radii[order] = self._replay(
                 keys[order], nearest[order], dist[order], same[order], block)
-            founders[order] = replay_founder
-            founder_radii[order] = replay_radius
-            rewritten.append(replayed)
-            new_points.append(points)
 
-        if rewritten:
-            self._replace_points(torch.cat(rewritten), new_points)
         self._append_clusters(keys[founders], founder_radii[founders], rows[founders], block)
         self._reindex()
 
-    def _cluster_points(self, cluster: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys [m, d], blocks [m]) of one cluster, from its run of cluster-sorted points."""
-        start, count = int(self.cluster_start[cluster]), int(self.cluster_count[cluster])
-        return self.point_keys[start: start + count], self.point_blocks[start: start + count]
+    # ------------------------------------------------------------------ storage
+    def _rows_of(self, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live point rows of ``clusters`` [m] -> (rows [P'], position in ``clusters`` [P'])."""
+        counts = self.cluster_count[clusters]
+        local = torch.repeat_interleave(torch.arange(clusters.shape[0], device=clusters.device), counts)
+        offsets = torch.arange(local.shape[0], device=clusters.device) - (torch.cumsum(counts, 0) - counts)[local]
+        return self._order[self.cluster_start[clusters][local] + offsets], local
 
-    def _expand_alone(self, keys: torch.Tensor, clusters: torch.Tensor, block: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add one point to each of distinct ``clusters`` and refit them -> their new point sets.
+    def _set_centers(self, clusters: torch.Tensor, centers: torch.Tensor) -> None:
+        self._centers[clusters] = centers
+        self._center_sq[clusters] = (centers * centers).sum(-1)
+
+    def _append_points(self, keys: torch.Tensor, blocks: torch.Tensor, clusters: torch.Tensor) -> None:
+        """Append point rows; the buffers grow geometrically (amortized O(1) per point)."""
+        m = keys.shape[0]
+        if m == 0:
+            return
+        if self._np + m > self._pkeys.shape[0]:
+            cap = max(self._np + m, 2 * self._pkeys.shape[0], 16)
+            self._pkeys = _grown(self._pkeys, self._np, cap)
+            self._pblocks = _grown(self._pblocks, self._np, cap)
+            self._pclusters = _grown(self._pclusters, self._np, cap)
+        self._pkeys[self._np: self._np + m] = keys
+        self._pblocks[self._np: self._np + m] = blocks
+        self._pclusters[self._np: self._np + m] = clusters
+        self._np += m
+
+    def _kill_points(self, rows: torch.Tensor) -> None:
+        """Mark point rows dead (forgotten); compact once dead rows outnumber live ones."""
+        self._pclusters[rows] = -1
+        self._dead += int(rows.numel())
+
+    def _compact_points(self) -> None:
+        live = (self._pclusters[: self._np] >= 0).nonzero().squeeze(1)
+        m = int(live.shape[0])
+        cap = max(m, 16)
+        self._pkeys = _grown(self._pkeys[live], m, cap)
+        self._pblocks = _grown(self._pblocks[live], m, cap)
+        self._pclusters = _grown(self._pclusters[live], m, cap)
+        self._np, self._dead = m, 0
+
+    def _expand_alone(self, keys: torch.Tensor, clusters: torch.Tensor, block: int) -> None:
+        """Add one point to each of distinct ``clusters`` and refit them.
 
         Center = mean of the cluster's point keys (old points + the new key); radius =
         max(farthest point from the new center, init_radius).
         """
-        old = torch.isin(self.point_clusters, clusters)
-        pk = torch.cat([self.point_keys[old], keys])
-        pb = torch.cat([self.point_blocks[old], torch.full_like(clusters, block)])
-        pc = torch.cat([self.point_clusters[old], clusters])
-        ordered, perm = clusters.sort()
-        local = perm[torch.searchsorted(ordered, pc)]  # [m] position of each point's cluster in ``clusters``
+        rows, local = self._rows_of(clusters)
         m = clusters.shape[0]
-        sums = keys.new_zeros(m, keys.shape[1]).index_add_(0, local, pk)
-        count = keys.new_zeros(m).index_add_(0, local, torch.ones_like(local, dtype=keys.dtype))
+        self._append_points(keys, torch.full_like(clusters, block), clusters)
+        sums = keys.clone().index_add_(0, local, self._pkeys[rows])
+        count = torch.ones(m, device=keys.device).index_add_(0, local, torch.ones_like(local, dtype=keys.dtype))
         centers = sums / count[:, None]
-        far = (pk - centers[local]).norm(dim=1)
-        widest = keys.new_zeros(m).scatter_reduce_(0, local, far, reduce="amax")
-        self.centers[clusters] = centers
-        self.radii[clusters] = widest.clamp_min(self.init_radius)
-        return pk, pb, pc
+        far = torch.cat([(self._pkeys[rows] - centers[local]).norm(dim=1), (keys - centers).norm(dim=1)])
+        widest = keys.new_zeros(m).scatter_reduce_(0, torch.cat([local, torch.arange(m, device=keys.device)]),
+                                                   far, reduce="amax")
+        self._set_centers(clusters, centers)
+        self._radii[clusters] = widest.clamp_min(self.init_radius)
 
-    def _shrink_alone(self, clusters: torch.Tensor, dists: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _shrink_alone(self, clusters: torch.Tensor, dists: torch.Tensor) -> None:
         """Conflict on distinct ``clusters``: radius d/2 - margin around the kept center, points
         outside forgotten, a no-block placeholder at the center where none survive."""
         self.conflicts += int(clusters.numel())
-        self.radii[clusters] = dists / 2 - CONFLICT_MARGIN
-        old = torch.isin(self.point_clusters, clusters)
-        pk, pb, pc = self.point_keys[old], self.point_blocks[old], self.point_clusters[old]
-        keep = (pk - self.centers[pc]).norm(dim=1) <= self.radii[pc]
+        self._radii[clusters] = dists / 2 - CONFLICT_MARGIN
+        rows, local = self._rows_of(clusters)
+        keep = (self._pkeys[rows] - self._centers[clusters][local]).norm(dim=1) <= self._radii[clusters][local]
         self.forgotten += int((~keep).sum())
-        pk, pb, pc = pk[keep], pb[keep], pc[keep]
-        empty = clusters[~torch.isin(clusters, pc)]
-        return (torch.cat([pk, self.centers[empty]]),
-                torch.cat([pb, torch.full_like(empty, NO_BLOCK)]),
-                torch.cat([pc, empty]))
+        self._kill_points(rows[~keep])
+        survivors = torch.zeros(clusters.shape[0], dtype=torch.bool, device=clusters.device)
+        survivors[local[keep]] = True
+        empty = clusters[~survivors]
+        self._append_points(self._centers[empty], torch.full_like(empty, NO_BLOCK), empty)
 
     def _replay(self, keys: torch.Tensor, clusters: torch.Tensor, dists: torch.Tensor,
-                same: torch.Tensor, block: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                same: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rules in example order for the keys that share their nearest cluster.
 
-        Works on a local copy of each such cluster (center, radius, points): the cost is the
-        size of those clusters, not of the database.
+        Works on a local copy of each such cluster (center, radius, points with their rows; a new
+        point has row -1): the cost is the size of those clusters, not of the database.
 
         Returns:
-            founder [m] (bool), founder radius [m], the replayed clusters, and their new point
-            sets as (keys, blocks, cluster ids).
+            founder [m] (bool) and founder radius [m] of the replayed keys.
         """
         r0 = torch.tensor(self.init_radius, device=self.device)
         founder = torch.zeros(keys.shape[0], dtype=torch.bool, device=self.device)
         founder_radius = torch.zeros(keys.shape[0], device=self.device)
-        replayed = torch.unique(clusters)
-        out_keys, out_blocks, out_clusters = [], [], []
-        for cluster in replayed.tolist():
+        for cluster in torch.unique(clusters).tolist():
             events = (clusters == cluster).nonzero().squeeze(1).tolist()  # in example order
-            pk, pb = (t.clone() for t in self._cluster_points(cluster))
-            center, radius = self.centers[cluster].clone(), self.radii[cluster].clone()
+            start, count = int(self.cluster_start[cluster]), int(self.cluster_count[cluster])
+            old_rows = self._order[start: start + count]
+            rows, pk, pb = old_rows.clone(), self._pkeys[old_rows], self._pblocks[old_rows]
+            center, radius = self._centers[cluster].clone(), self._radii[cluster].clone()
             for i in events:
                 if dists[i] > radius + r0:
                     founder[i], founder_radius[i] = True, r0
                 elif same[i]:
+                    rows = torch.cat([rows, rows.new_tensor([-1])])
                     pk = torch.cat([pk, keys[i][None]])
                     pb = torch.cat([pb, pb.new_tensor([block])])
                     center = pk.mean(0)
@@ -331,57 +404,47 @@ class VectorDatabase:
                     founder[i], founder_radius[i] = True, dists[i] / 2 + CONFLICT_MARGIN
                     keep = (pk - center).norm(dim=1) <= radius
                     self.forgotten += int((~keep).sum())
-                    pk, pb = pk[keep], pb[keep]
+                    rows, pk, pb = rows[keep], pk[keep], pb[keep]
                     if pk.shape[0] == 0:
-                        pk, pb = center[None].clone(), pb.new_tensor([NO_BLOCK])
-            self.centers[cluster], self.radii[cluster] = center, radius
-            out_keys.append(pk)
-            out_blocks.append(pb)
-            out_clusters.append(torch.full_like(pb, cluster))
-        points = (torch.cat(out_keys), torch.cat(out_blocks), torch.cat(out_clusters))
-        return founder, founder_radius, replayed, points
-
-    def _replace_points(self, clusters: torch.Tensor,
-                        new_points: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """Drop the points of ``clusters`` and append their new point sets."""
-        keep = ~torch.isin(self.point_clusters, clusters)
-        self.point_keys = torch.cat([self.point_keys[keep]] + [p[0] for p in new_points])
-        self.point_blocks = torch.cat([self.point_blocks[keep]] + [p[1] for p in new_points])
-        self.point_clusters = torch.cat([self.point_clusters[keep]] + [p[2] for p in new_points])
-
-    def _reset_storage(self, keys: torch.Tensor) -> None:
-        d, dev = keys.shape[1], keys.device
-        self.centers = keys.new_empty(0, d)
-        self.radii = keys.new_empty(0)
-        self.labels = torch.empty(0, 1, dtype=torch.long, device=dev)
-        self.point_keys = keys.new_empty(0, d)
-        self.point_blocks = torch.empty(0, dtype=torch.long, device=dev)
-        self.point_clusters = torch.empty(0, dtype=torch.long, device=dev)
+                        rows, pk, pb = rows.new_tensor([-1]), center[None].clone(), pb.new_tensor([NO_BLOCK])
+            self._set_centers(torch.tensor([cluster], device=self.device), center[None])
+            self._radii[cluster] = radius
+            self._kill_points(old_rows[~torch.isin(old_rows, rows)])
+            new = rows < 0
+            self._append_points(pk[new], pb[new], torch.full_like(pb[new], cluster))
+        return founder, founder_radius
 
     def _append_clusters(self, keys: torch.Tensor, radii: torch.Tensor, rows: torch.Tensor, block: int) -> None:
         """New clusters with center = key and one point (key, block)."""
-        if keys.shape[0] == 0:
+        m = keys.shape[0]
+        if m == 0:
             return
-        first = len(self)
-        width = max(self.labels.shape[1], rows.shape[1])
-        self.labels = torch.cat([_pad_columns(self.labels, width), _pad_columns(rows, width)])
-        self.centers = torch.cat([self.centers, keys])
-        self.radii = torch.cat([self.radii, radii.float()])
-        ids = torch.arange(first, first + keys.shape[0], device=keys.device)
-        self.point_keys = torch.cat([self.point_keys, keys])
-        self.point_blocks = torch.cat([self.point_blocks, torch.full_like(ids, block)])
-        self.point_clusters = torch.cat([self.point_clusters, ids])
+        if self._n + m > self._centers.shape[0]:
+            cap = max(self._n + m, 2 * self._centers.shape[0], 16)
+            self._centers = _grown(self._centers, self._n, cap)
+            self._center_sq = _grown(self._center_sq, self._n, cap)
+            self._radii = _grown(self._radii, self._n, cap)
+            self._labels = _grown(self._labels, self._n, cap, fill=-100)
+        if rows.shape[1] > self._labels.shape[1]:
+            self._labels = _pad_columns(self._labels, rows.shape[1])
+        ids = torch.arange(self._n, self._n + m, device=keys.device)
+        self._n += m
+        self._set_centers(ids, keys)
+        self._radii[ids] = radii.float()
+        self._labels[ids] = _pad_columns(rows, self._labels.shape[1])
+        self._append_points(keys, torch.full_like(ids, block), ids)
 
     def _reindex(self) -> None:
-        """Sort points by cluster and cache the per-cluster runs and center norms for routing."""
-        order = torch.argsort(self.point_clusters, stable=True)
-        self.point_keys = self.point_keys[order]
-        self.point_blocks = self.point_blocks[order]
-        self.point_clusters = self.point_clusters[order]
-        self.cluster_count = torch.bincount(self.point_clusters, minlength=len(self))
-        self.cluster_start = torch.cumsum(self.cluster_count, 0) - self.cluster_count
-        self.center_sq = (self.centers * self.centers).sum(1)
-        self._max_center_sq = self.center_sq.max() if len(self) else self.center_sq.new_zeros(())
+        """Rebuild the routing index: live point rows sorted by cluster (insertion order within a
+        cluster), each cluster's run in it, and the largest center norm."""
+        if self._dead > max(self._np - self._dead, 1024):
+            self._compact_points()
+        clusters = self._pclusters[: self._np]
+        live = (clusters >= 0).nonzero().squeeze(1)
+        self._order = live[torch.argsort(clusters[live], stable=True)]  # [P]
+        self.cluster_count = torch.bincount(clusters[live], minlength=self._n)  # [C]
+        self.cluster_start = torch.cumsum(self.cluster_count, 0) - self.cluster_count  # [C]
+        self._max_center_sq = self.center_sq.max() if self._n else self._center_sq.new_zeros(())
         self._single_point = bool((self.cluster_count == 1).all())
 
     # ------------------------------------------------------------------ persistence
@@ -408,11 +471,14 @@ class VectorDatabase:
                 f"vector database was saved with init_radius={float(state['init_radius'][0])}, "
                 f"this one has init_radius={self.init_radius}"
             )
-        self.centers = state["centers"].float()
-        self.radii = state["radii"].float()
-        self.labels = state["labels"].long()
-        self.point_keys = state["point_keys"].float()
-        self.point_blocks = state["point_blocks"].long()
-        self.point_clusters = state["point_clusters"].long()
+        centers, keys = state["centers"].float(), state["point_keys"].float()
+        labels = state["labels"].long()
+        self._allocate(centers, 0, 0, max(1, labels.shape[1] if labels.dim() == 2 else 1))
+        self._pkeys = self._pkeys.new_empty(0, keys.shape[1])
+        n = centers.shape[0]
+        self._centers, self._radii, self._labels = centers.clone(), state["radii"].float().clone(), labels.clone()
+        self._center_sq = (centers * centers).sum(1)
+        self._n = n
+        self._append_points(keys, state["point_blocks"].long(), state["point_clusters"].long())
         self.conflicts, self.forgotten = (int(v) for v in state["counters"].tolist())
         self._reindex()
