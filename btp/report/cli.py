@@ -91,18 +91,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m btp.report") -> i
     log.info("%d usable runs in %d cells, %d skipped",
              len(collection.runs), len(groups), len(collection.skipped))
 
+    command = args.command_label or prog + " " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    write_csv(args.out / "comparison.csv", groups, cells)
+    (args.out / "comparison.tex").write_text(latex(groups, cells, command), encoding="utf-8")
     figures: dict[tuple[str, str], list[str]] = {}
+    failures: list[str] = []
     if groups and not args.no_plots:
         from btp.report.plots import plot_all  # matplotlib only when figures are wanted
 
-        figures = plot_all(groups, args.out, args.band, args.formats, COLUMN_KEYS, args.figures)
-    write_csv(args.out / "comparison.csv", groups, cells)
-    command = args.command_label or prog + " " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    (args.out / "comparison.tex").write_text(latex(groups, cells, command), encoding="utf-8")
+        figures = plot_all(groups, args.out, args.band, args.formats, COLUMN_KEYS, args.figures,
+                           failures)
     (args.out / "comparison.md").write_text(
-        markdown(collection, groups, cells, figures, command, "comparison.tex", args.formats),
-        encoding="utf-8")
+        markdown(collection, groups, cells, figures, command, "comparison.tex", args.formats,
+                 failures), encoding="utf-8")
     log.info("wrote %s, %s and %s", args.out / "comparison.md", args.out / "comparison.csv",
              args.out / "comparison.tex")
     if not collection.runs:

@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -34,14 +34,15 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from btp.report.runs import (CURVE_METRICS, DB_STATS, PER_BATCH_METRICS, Run, is_number,
                              normalize_value)
-from btp.report.stats import (TASK_METRIC, Cell, GroupKey, higher_is_better, metric_kind,
-                              valid_range)
+from btp.report.stats import (TASK_METRIC, Cell, GroupKey, Kind, higher_is_better,
+                              metric_kind, valid_range)
 
 log = logging.getLogger("btp.report")
 
-#: Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), yellow last.
+#: Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), with Tol's
+#: wine in place of a yellow that is hard to see on white.
 PALETTE: tuple[str, ...] = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
-                            "#000000", "#F0E442")
+                            "#000000", "#882255")
 MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)),
                                (0, (1, 1)), (0, (8, 2)))
@@ -143,9 +144,29 @@ def _grid(fig: Figure, count: int, xlabel: str) -> list[Any]:
     return flat[:count]
 
 
-def _y_axis(ax: Any, task: str, metric: str, values: list[float]) -> None:
-    """Range and label by the metric's kind: rates on [0, 1], counts from 0."""
+def panel_kind(task: str, metric: str, means: Iterable[float]) -> Kind:
+    """The metric's kind, unless the values drawn leave its range: then any real value.
+
+    A rate above 1 or a negative count means the files hold something else than the runner
+    writes; drawing it unclipped on free axes shows that instead of hiding it.
+    """
     kind = metric_kind(task, metric)
+    low, high = valid_range(kind)
+    outside = [m for m in means if not low <= m <= high]
+    if outside:
+        log.warning("%s on %s: values outside [%g, %g] (e.g. %g); drawn on a free axis",
+                    metric, task, low, high, outside[0])
+        return "real"
+    return kind
+
+
+def _errors(mean: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Error bar lengths below/above ``mean`` (never negative)."""
+    return np.vstack([np.maximum(mean - low, 0.0), np.maximum(high - mean, 0.0)])
+
+
+def _y_axis(ax: Any, task: str, metric: str, kind: Kind, values: list[float]) -> None:
+    """Range and label by the panel's kind: rates on [0, 1], counts from 0."""
     if kind == "rate":
         ax.set_ylim(-0.04, 1.04)
         ax.yaxis.set_major_locator(FixedLocator([0.0, 0.25, 0.5, 0.75, 1.0]))
@@ -161,6 +182,8 @@ def _y_axis(ax: Any, task: str, metric: str, values: list[float]) -> None:
         ax.set_ylim(max(low, 0.0), high)
         ax.set_ylabel("seconds" if metric.startswith("edit_time")
                       else TASK_METRIC.get(task, ("",))[0])
+    else:
+        ax.set_ylabel("value")
 
 
 def _title(task: str, metric: str) -> str:
@@ -214,7 +237,9 @@ def curves_figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[s
                  layout="constrained")
     axes = _grid(fig, len(present), "edits")
     for ax, metric in zip(axes, present):
-        low_valid, high_valid = valid_range(metric_kind(task, metric))
+        kind = panel_kind(task, metric, (m for s in series[metric].values() if s is not None
+                                         for m in s[1]))
+        low_valid, high_valid = valid_range(kind)
         drawn: list[float] = []
         for key in methods:
             curve = series[metric][key]
@@ -226,20 +251,20 @@ def curves_figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[s
             style = styles[key[2]]
             label = f"{key[2]} (n={len(groups[key])})"
             if metric in PER_BATCH_METRICS:
-                ax.errorbar(xs + offsets[key], mean, yerr=np.vstack([mean - low, high - mean]),
+                ax.errorbar(xs + offsets[key], mean, yerr=_errors(mean, low, high),
                             fmt=style.marker, color=style.color, mfc="none", markersize=5,
                             capsize=2, elinewidth=1, linestyle="none", label=label)
             else:
                 ax.plot(xs, mean, color=style.color, marker=style.marker, mfc="none",
-                        markersize=4 + 4 * depth[key], linestyle=style.linestyle,
-                        linewidth=1.2 + 1.8 * depth[key], label=label)
+                        markersize=4 + 3 * depth[key], linestyle=style.linestyle,
+                        linewidth=1.2 + 1.0 * depth[key], label=label)
                 if len(groups[key]) > 1:
                     ax.fill_between(xs, low, high, color=style.color, alpha=BAND_ALPHA,
                                     linewidth=0)
         ax.set_title(_title(task, metric) + ("  (per batch)" if metric in PER_BATCH_METRICS
                                              else ""))
         ax.grid(alpha=0.3)
-        _y_axis(ax, task, metric, drawn)
+        _y_axis(ax, task, metric, kind, drawn)
         _x_on_points(ax, xs_all, max(abs(o) for o in offsets.values()))
     _legend(fig, axes)
     band_text = "min/max" if band == "minmax" else "±1 std"
@@ -287,14 +312,18 @@ def ablation_figure(task: str, model: str, key: str, lines: dict[str, dict[float
                  layout="constrained")
     axes = _grid(fig, len(present), key)
     for ax, metric in zip(axes, present):
-        low_valid, high_valid = valid_range(metric_kind(task, metric))
+        cells = {label: {x: Cell.of(r.summary.get(metric) for r in runs)
+                         for x, runs in sorted(points.items())}
+                 for label, points in lines.items()}
+        kind = panel_kind(task, metric, (c.mean for by_x in cells.values()
+                                         for c in by_x.values() if c.n))
+        low_valid, high_valid = valid_range(kind)
         drawn: list[float] = []
         if log_x:
             ax.set_xscale("log")
         for label, points in lines.items():
             xs, means, lows, highs = [], [], [], []
-            for x in sorted(points):
-                cell = Cell.of(r.summary.get(metric) for r in points[x])
+            for x, cell in cells[label].items():
                 if not cell.n:
                     continue
                 xs.append(x)
@@ -307,13 +336,13 @@ def ablation_figure(task: str, model: str, key: str, lines: dict[str, dict[float
             style = styles[label]
             seeds = {r.seed for pts in points.values() for r in pts}
             mean_arr = np.array(means)
-            ax.errorbar(xs, mean_arr, yerr=np.vstack([mean_arr - lows, np.array(highs) - mean_arr]),
+            ax.errorbar(xs, mean_arr, yerr=_errors(mean_arr, np.array(lows), np.array(highs)),
                         color=style.color, marker=style.marker, mfc="none", markersize=5,
                         linestyle=style.linestyle, linewidth=1.5, capsize=2, elinewidth=1,
                         label=f"{label} (seeds: {len(seeds)})")
         ax.set_title(_title(task, metric))
         ax.grid(alpha=0.3)
-        _y_axis(ax, task, metric, drawn)
+        _y_axis(ax, task, metric, kind, drawn)
         ax.xaxis.set_major_locator(FixedLocator(values))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(lambda x, _: normalize_value(float(x)))
@@ -337,24 +366,28 @@ def style_labels(groups: dict[GroupKey, list[Run]]) -> list[str]:
 def plot_all(groups: dict[GroupKey, list[Run]], out_dir: Path, band: str = "std",
              formats: tuple[str, ...] = ("png", "pdf"), ablation_metrics: Iterable[str] = (),
              figures: Iterable[str] = ("curves", "database", "ablation"),
-             ) -> dict[tuple[str, str], list[str]]:
-    """Write the figures of every (task, model); returns the file stems per (task, model)."""
+             failures: list[str] | None = None) -> dict[tuple[str, str], list[str]]:
+    """Write the figures of every (task, model); returns the file stems per (task, model).
+
+    A figure that cannot be drawn is logged and named in ``failures`` (``"stem: reason"``); the
+    others are still written.
+    """
     figures = set(figures)
     styles = StyleBook(style_labels(groups))
     written: dict[tuple[str, str], list[str]] = {}
     for task, model in dict.fromkeys((t, m) for t, m, _ in groups):
         subset = {k: v for k, v in groups.items() if k[:2] == (task, model)}
         stem = f"{slug(task)}_{slug(model)}"
-        todo: list[tuple[str, Figure | None]] = []
+        todo: list[tuple[str, Callable[[], Figure | None]]] = []
         if "curves" in figures:
-            todo.append((f"{stem}_metrics", curves_figure(
+            todo.append((f"{stem}_metrics", lambda subset=subset: curves_figure(
                 subset, task, CURVE_METRICS, band, f"{task} / {model}: metrics vs edits", styles)))
         if "database" in figures:
             # Methods without a database report zeros; leave them out so the lines that matter
             # show.
             with_db = {k: v for k, v in subset.items()
                        if any(row.get(s) for run in v for row in run.curve for s in DB_STATS)}
-            todo.append((f"{stem}_database", curves_figure(
+            todo.append((f"{stem}_database", lambda with_db=with_db: curves_figure(
                 with_db, task, DB_STATS, band, f"{task} / {model}: vector database vs edits",
                 styles)))
         if "ablation" in figures:
@@ -362,11 +395,18 @@ def plot_all(groups: dict[GroupKey, list[Run]], out_dir: Path, band: str = "std"
             present = [m for m in ablation_metrics
                        if any(is_number(r.summary.get(m)) for r in runs)]
             for key, lines in sorted(ablation_lines(runs).items()):
-                todo.append((f"{stem}_ablation_{slug(key)}", ablation_figure(
-                    task, model, key, lines, present, styles)))
+                todo.append((f"{stem}_ablation_{slug(key)}",
+                             lambda key=key, lines=lines, present=present: ablation_figure(
+                                 task, model, key, lines, present, styles)))
         written[(task, model)] = []
-        for name, fig in todo:
-            if fig is not None:
-                _save(fig, out_dir, name, formats)
-                written[(task, model)].append(name)
+        for name, draw in todo:
+            try:
+                fig = draw()
+                if fig is not None:
+                    _save(fig, out_dir, name, formats)
+                    written[(task, model)].append(name)
+            except Exception as exc:  # noqa: BLE001 - one figure must not cost the report
+                log.error("figure %s not drawn: %s: %s", name, type(exc).__name__, exc)
+                if failures is not None:
+                    failures.append(f"{name}: {type(exc).__name__}: {exc}")
     return written

@@ -108,7 +108,8 @@ def _md_escape(text: str) -> str:
 def markdown(collection: Collection, groups: dict[GroupKey, list[Run]],
              cells: dict[GroupKey, dict[str, Cell]], figures: dict[tuple[str, str], list[str]],
              command: str | None = None, latex_name: str | None = None,
-             formats: tuple[str, ...] = ("png", "pdf")) -> str:
+             formats: tuple[str, ...] = ("png", "pdf"), failures: list[str] | None = None
+             ) -> str:
     """The whole report: one Table-2-style table per (task, model), figures, skipped runs."""
     lines = ["# Method comparison", ""]
     if command:
@@ -146,6 +147,8 @@ def markdown(collection: Collection, groups: dict[GroupKey, list[Run]],
             others = [f"[{fmt.upper()}]({stem}.{fmt})" for fmt in formats if fmt != shown]
             if others:
                 lines += [f"({', '.join(others)})", ""]
+    if failures:
+        lines += ["## Figures not drawn", ""] + [f"- {_md_escape(f)}" for f in failures] + [""]
     lines += ["## Skipped runs", ""]
     if collection.skipped:
         lines += ["| run directory | reason |", "|---|---|"]
