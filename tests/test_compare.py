@@ -225,7 +225,8 @@ def test_every_kind_of_damage_is_skipped_with_its_reason(tmp_path: Path) -> None
         else:
             target.write_text(content)
     out = tmp_path / "out"
-    assert compare.main([str(runs), "--out", str(out)]) == 0
+    assert compare.main([str(runs), "--out", str(out), "--figures", "curves",
+                         "--formats", "png"]) == 0
     md = (out / "comparison.md").read_text()
     skipped = md.split("## Skipped runs", 1)[1]
     for name, _, _, reason in DAMAGE:
@@ -272,7 +273,8 @@ def test_non_finite_values_are_shown_and_kept_out_of_means(tmp_path: Path) -> No
     summary["ES"] = None
     (runs / "m5" / "summary.json").write_text(json.dumps(summary))
     out = tmp_path / "out"
-    assert compare.main([str(runs), "--out", str(out)]) == 0
+    assert compare.main([str(runs), "--out", str(out), "--figures", "curves",
+                         "--formats", "png"]) == 0
     rows = read_csv(out / "comparison.csv")
     es = rows[("qa", "melo", "ES")]
     values = [s["ES"] for s in finite]
@@ -452,7 +454,8 @@ def test_ablation_figure_one_line_per_method(tmp_path: Path) -> None:
                     "melo:\n  num_rank_per_block: 2\n  init_radius: 1.0\n")
     make_run(runs / "grace", alg="grace", seed=0)
     out = tmp_path / "out"
-    assert compare.main([str(runs), "--out", str(out)]) == 0
+    assert compare.main([str(runs), "--out", str(out), "--figures", "ablation"]) == 0
+    assert not (out / "qa_tiny-t5small_metrics.png").exists()
     stem = "qa_tiny-t5small_ablation_melo.num_rank_per_block"
     assert (out / f"{stem}.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / f"{stem}.pdf").is_file()
