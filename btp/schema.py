@@ -158,6 +158,7 @@ class MeloCfg:
     optimizer: Optim = Optim.adam
     lr_step_size: int = 20
     lr_gamma: float = 0.5
+    cache_frozen_prefix: bool = True  # frozen blocks below the lowest adapted one run once per edit
 
 
 @dataclass

@@ -53,6 +53,7 @@ def melo_config(alg_cfg: Any, model_cfg: Any) -> MeloConfig:
             optimizer=_str(alg_cfg.optimizer),
             lr_step_size=int(alg_cfg.lr_step_size),
             lr_gamma=float(alg_cfg.lr_gamma),
+            cache_frozen_prefix=bool(alg_cfg.cache_frozen_prefix),
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(f"melo: {e}") from e

@@ -61,6 +61,11 @@ class MeloConfig(PeftConfig):
     optimizer: Literal["adam", "sgd"] = field(default="adam", metadata={"help": "Optimizer of an edit."})
     lr_step_size: int = field(default=20, metadata={"help": "StepLR step size (iterations)."})
     lr_gamma: float = field(default=0.5, metadata={"help": "StepLR decay factor."})
+    cache_frozen_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run the frozen blocks below the lowest adapted block once per edit, not at "
+                          "every step (same losses and LoRA values; False runs the whole model each step)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +98,8 @@ class MeloConfig(PeftConfig):
             _fail("edit_lr", self.edit_lr, "use a positive learning rate")
         if self.optimizer not in ("adam", "sgd"):
             _fail("optimizer", self.optimizer, "use 'adam' (original) or 'sgd'")
+        if not isinstance(self.cache_frozen_prefix, bool):
+            _fail("cache_frozen_prefix", self.cache_frozen_prefix, "use true or false")
         if not 0.0 < float(self.lr_gamma) <= 1.0:
             _fail("lr_gamma", self.lr_gamma, "use a decay factor in (0, 1]")
 

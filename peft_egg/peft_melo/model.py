@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from . import integrity
 from .config import MeloConfig
 from .layer import Conv1D, Linear, MeloLayer
+from .prefix_cache import FrozenPrefixCache
 from .routing import KeyHook, RoutingState
 from .vector_database import VectorDatabase
 
@@ -42,6 +45,7 @@ class EditResult:
     losses: list[float] = field(default_factory=list)
     time_s: float = 0.0
     block: int = -1
+    cached_blocks: dict[str, int] = field(default_factory=dict)  # frozen-prefix blocks per stack
 
 
 def _close_names(name: str, candidates: list[str], n: int = 5) -> list[str]:
@@ -204,21 +208,29 @@ class MeloModel(BaseTuner):
         was_training = self.model.training
         self.model.train()
         losses = []
+        inputs = dict(batch)
+        if "use_cache" in inspect.signature(self.model.forward).parameters:
+            inputs["use_cache"] = False  # a training forward needs no key/value cache
+        prefix = FrozenPrefixCache(self.model, self._adapted_names()) if cfg.cache_frozen_prefix \
+            else contextlib.nullcontext()
         start = time.perf_counter()
         self.routing.force(block)
         try:
-            for iteration in range(cfg.num_iter):
-                self.routing.begin_forward(batch.get("attention_mask"))
-                loss = self.model(**batch).loss
-                if iteration == 0:
-                    self.database.update(self.routing.last_keys, batch["labels"], block)
-                optimizer.zero_grad(set_to_none=False)
-                loss.backward()
-                for param, mask in masks:
-                    param.grad.mul_(mask)
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.detach())
+            with prefix:
+                for iteration in range(cfg.num_iter):
+                    self.routing.begin_forward(batch.get("attention_mask"))
+                    loss = self.model(**inputs).loss
+                    if iteration == 0:
+                        self.database.update(self.routing.last_keys, batch["labels"], block)
+                        if cfg.cache_frozen_prefix:
+                            prefix.step_done()
+                    optimizer.zero_grad(set_to_none=False)
+                    loss.backward()
+                    for param, mask in masks:
+                        param.grad.mul_(mask)
+                    optimizer.step()
+                    scheduler.step()
+                    losses.append(loss.detach())
         finally:
             self.routing.release()
             self.model.train(was_training)
@@ -227,7 +239,13 @@ class MeloModel(BaseTuner):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self.next_block += 1
-        return EditResult(losses=torch.stack(losses).tolist(), time_s=elapsed, block=block)
+        cached = prefix.cached_blocks if cfg.cache_frozen_prefix else {}
+        return EditResult(losses=torch.stack(losses).tolist(), time_s=elapsed, block=block,
+                          cached_blocks=cached)
+
+    def _adapted_names(self) -> list[str]:
+        """Full module names of the MELO layers."""
+        return [name for name, module in self.model.named_modules() if isinstance(module, MeloLayer)]
 
     def _block_masks(self, block: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
         p = self.config_.num_rank_per_block
