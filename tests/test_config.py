@@ -174,7 +174,7 @@ def test_edit_batch_size_must_be_positive() -> None:
 @pytest.mark.parametrize("task,tiny,want", [
     ("qa", "tiny-t5small", dict(replacement="replace_prompt", edit_lr=1.0, key_id=-1,
                                 init_radius=1.0)),
-    ("scotus", "tiny-scotus-bert", dict(replacement="replace_prompt", edit_lr=10.0, key_id=-2,
+    ("scotus", "tiny-scotus-bert", dict(replacement="replace_prompt", edit_lr=1.0, key_id=-2,
                                         init_radius=0.05)),
 ])
 def test_tiny_models_set_grace_demo_values(task: str, tiny: str, want: dict) -> None:

@@ -2,8 +2,10 @@
 
 Kept free of any algorithm logic: config access that works for dataclasses, dicts and
 OmegaConf nodes alike, device handling, module lookup by dotted path, target-module resolution
-with the same matching rule as peft (exact name or ``.``-suffix; a string is a full regex), and
-small safetensors + JSON writers for ``save_pretrained``.
+with the same matching rule as peft (exact name or ``.``-suffix; a string is a full regex),
+small safetensors + JSON writers for ``save_pretrained``, and the GRACE repository's edit stream
+shared by its baselines (which records of an edit batch to edit, :func:`records_to_edit`, and the
+batch cut down to them, :func:`select_rows`).
 """
 
 from __future__ import annotations
