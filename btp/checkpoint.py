@@ -224,7 +224,8 @@ def _verify(path: Path, meta: dict[str, str], text: str, tensors: dict[str, torc
         expected = json.loads(meta["tensor_sha256"])
         state_sha = meta["state_sha256"]
     except (KeyError, json.JSONDecodeError) as e:
-        raise RunDirError(f"checkpoint {path}: its checksums are missing or unreadable; {fix}") from e
+        raise RunDirError(f"checkpoint {path}: its checksums are missing or unreadable; "
+                          f"{fix}") from e
     if _text_digest(text) != state_sha:
         raise RunDirError(f"checkpoint {path} is corrupt: its state document does not match its "
                           f"checksum; {fix}")

@@ -109,7 +109,8 @@ class RunDir:
     def _hydra_files(self) -> dict[str, str]:
         if self.hydra_dir is None or not self.hydra_dir.is_dir():
             return {}
-        return {p.name: p.read_text(encoding="utf-8") for p in sorted(self.hydra_dir.glob("*.yaml"))}
+        return {p.name: p.read_text(encoding="utf-8")
+                for p in sorted(self.hydra_dir.glob("*.yaml"))}
 
     # -- lock ---------------------------------------------------------------------------------
     def acquire(self) -> None:

@@ -340,8 +340,9 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
             ckpt.set_rng_state(js["rng"], tensors)
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             raise RunDirError(
-                f"checkpoint {ckpt_dir / ckpt.FILE_NAME} does not fit this run ({type(e).__name__}: "
-                f"{e}); delete it to start the run over, or use another hydra.run.dir") from e
+                f"checkpoint {ckpt_dir / ckpt.FILE_NAME} does not fit this run "
+                f"({type(e).__name__}: {e}); delete it to start the run over, or use another "
+                "hydra.run.dir") from e
         wandb_id = js.get("wandb_id")
         log.info("resuming from %s: %d of %d batches done", ckpt_dir, state.batches_done,
                  len(stream))
