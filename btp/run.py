@@ -59,6 +59,10 @@ def main(cfg: DictConfig) -> dict:
     except RunInterrupted as e:
         log.error("%s", e)
         _exit_with_line(f"interrupted: {e}", e.exit_code)  # a sweep stops too, as on Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C before the runner installed its handler
+        RunDir(HydraConfig.get().runtime.output_dir).restore_hydra()
+        _exit_with_line("interrupted: SIGINT received before the run started; nothing was "
+                        "changed: re-run the same command", 130)
 
 
 def _exit_with_line(message: str, code: int) -> None:
