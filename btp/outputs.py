@@ -104,3 +104,28 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / SUMMARY_FILE
     atomic_write_text(path, json.dumps(clean(summary), indent=2, sort_keys=False) + "\n")
     return path
+
+
+#: The summary's headline values in reading order; ``*_alone`` follows its batched value.
+SUMMARY_LINE_KEYS = ("ES", "ERR", "TRR", "locality", "holdout", "ARR")
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One readable line of a run's final values, e.g.
+    ``ES 1.000 (alone 1.000) | ERR 0.970 (alone 0.211) | TRR 0.000 | locality 1.000 | ...``."""
+    def num(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    parts = []
+    for key in SUMMARY_LINE_KEYS:
+        if key not in summary:
+            continue
+        text = f"{key} {num(summary[key])}"
+        if f"{key}_alone" in summary:
+            text += f" (alone {num(summary[f'{key}_alone'])})"
+        parts.append(text)
+    parts.append(f"clusters {summary.get('clusters')}, conflicts {summary.get('conflicts')}")
+    parts.append(f"{summary.get('n_edits')} edits in {float(summary.get('edit_time_s') or 0):.1f} s")
+    return " | ".join(parts)

@@ -39,7 +39,7 @@ from btp.evaluation import batched, lazy_batches, make_evaluator
 from btp.asked_alone import AskedAlone
 from btp.loop import EditingLoop, EvalSets, LoopState
 from btp.metrics import pack, unpack
-from btp.outputs import SUMMARY_FILE, MetricsLog, write_summary
+from btp.outputs import SUMMARY_FILE, MetricsLog, summary_line, write_summary
 from btp.rundir import RunDir
 from btp.schema import TASK_KIND, alg_section, check_values
 
@@ -375,7 +375,7 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
         write_summary(run_dir, summary)
     finally:
         metrics_log.finish(summary)
-    log.info("summary: %s", summary)
+    log.info("summary: %s", summary_line(summary))
     log.info("done in %.1f s (edit time %.1f s)", time.time() - start, state.edit_time_s)
     return summary
 
