@@ -36,11 +36,12 @@ SCRIPT = ROOT / "scripts" / "local-slurm.sh"
 LOCAL_LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug",
                   "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
                   "hydra.launcher.mem_gb=1"]
-#: The cheapest real runs: 3 edit batches of 10, one evaluation after the last one.
-TINY = ["+experiment=qa", "+model=tiny-t5small", "max_n_edits=30", "metric_period=30",
+#: Cheap real runs: 5 edit batches of 10 (enough left to cancel after the first one, before the
+#: end), one evaluation before the first and one after the last.
+TINY = ["+experiment=qa", "+model=tiny-t5small", "max_n_edits=50", "metric_period=50",
         "data.n_upstream=10", "eval.alone_records=0", "melo.num_iter=20",
         "plain_lora.num_iter=20"]
-KILL_WAIT_S = 2  # SIGTERM -> SIGKILL of a cancelled job (submitit ignores SIGTERM)
+KILL_WAIT_S = 1  # SIGTERM -> SIGKILL of a cancelled job (submitit ignores SIGTERM)
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +184,7 @@ def test_sweep_on_slurm_runs_skips_survives_a_failure_and_resumes_a_cancelled_jo
     dirs = _run_dirs(sweep_a)
     summaries = {d: json.loads((d / "summary.json").read_text()) for d in dirs}
     assert sorted((s["alg"], s["seed"], s["n_edits"]) for s in summaries.values()) == [
-        ("melo", 0, 30), ("melo", 1, 30), ("plain_lora", 0, 30), ("plain_lora", 1, 30)]
+        ("melo", 0, 50), ("melo", 1, 50), ("plain_lora", 0, 50), ("plain_lora", 1, 50)]
     script = next(sweep_a.glob(".submitit/*/*_submission.sh"))
     assert "#SBATCH --array=0-3" in script.read_text()
     assert "#SBATCH --partition=debug" in script.read_text()
@@ -228,7 +229,7 @@ def test_sweep_on_slurm_runs_skips_survives_a_failure_and_resumes_a_cancelled_jo
         _wait("the cancelled job to leave the queue", lambda: not _in_queue(env, task),
               timeout=60 + KILL_WAIT_S)
         assert not (cancelled / "summary.json").exists()
-        assert 1 <= _batches_done(cancelled) < 3
+        assert 1 <= _batches_done(cancelled) < 5
 
         # The other jobs run on to their summary; the failed ones logged the data error.
         finished = _wait("the other good job's summary", lambda: (
