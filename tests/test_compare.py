@@ -369,6 +369,26 @@ def test_figures_png_and_pdf_with_one_style_per_method(sweep: tuple[Path, dict],
         assert image.size[0] >= 1600  # 200 dpi
 
 
+def test_a_figure_that_fails_costs_only_itself(tmp_path: Path, monkeypatch) -> None:
+    make_run(tmp_path / "runs" / "r", alg="melo", seed=0)
+    real = plots.curves_figure
+
+    def failing(groups, task, metrics, *args, **kwargs):
+        if metrics == plots.DB_STATS:
+            raise ValueError("no room on the canvas")
+        return real(groups, task, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "curves_figure", failing)
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path / "runs"), "--out", str(out), "--formats", "png"]) == 0
+    md = (out / "comparison.md").read_text()
+    assert "## Figures not drawn\n\n- qa_tiny-t5small_database: ValueError: no room on the canvas" \
+        in md
+    assert "![qa_tiny-t5small_metrics](qa_tiny-t5small_metrics.png)" in md
+    assert not (out / "qa_tiny-t5small_database.png").exists()
+    assert (out / "comparison.csv").is_file() and (out / "comparison.tex").is_file()
+
+
 def _drawn(fig) -> dict[str, dict[str, tuple]]:
     """{panel title: {label: (color, marker, linestyle, xdata, ydata)}} of a figure's series."""
     out: dict[str, dict[str, tuple]] = {}
