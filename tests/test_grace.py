@@ -200,6 +200,22 @@ def test_replace_prompt_end_to_end_on_the_layer() -> None:
     assert torch.equal(out[0, 3], base[0, 3])  # the key token itself keeps the layer output
 
 
+def test_val_train_adv_perturbs_every_training_value_but_the_first() -> None:
+    x = torch.randn(2, 3, 2)
+    values = torch.tensor([[1.0, 2.0, 3.0]])
+    outs = {}
+    for mode in ("sgd", "adv"):
+        cb = make_codebook(val_train=mode, replacement="replace_all")
+        cb.mode, cb.train_values, cb.train_assign = "train", values, torch.tensor([0, 0])
+        torch.manual_seed(0)
+        outs[mode] = cb(x)
+    assert torch.equal(outs["sgd"], values.expand(2, 3, 3))
+    assert torch.equal(outs["adv"][0], values.expand(3, 3))  # row 0: the clean value
+    noise = outs["adv"][1] - values
+    assert not torch.allclose(noise, torch.zeros_like(noise))
+    assert torch.equal(noise, noise[:1].expand(3, 3))  # one noise draw per example
+
+
 def test_nearest_matches_cdist_and_empty_codebook_is_identity() -> None:
     cb = make_codebook()
     x = torch.randn(2, 3, 2)
