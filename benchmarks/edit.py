@@ -1,13 +1,21 @@
-"""Edit speed: one MELO edit against plain peft LoRA on the same modules, rank and steps.
+"""Edit speed: frozen-prefix caching against the uncached loop, and MELO against plain LoRA.
 
-T5 with google/t5-small-ssm-nq's real dimensions and random weights, the qa config's targets
-(4 ``wo``), r = 40, batch 100 of random tokens (input 20, labels 8). MELO's edit is timed with an
-empty database and with 10,000 clusters already stored; the floor is the same number of Adam +
-StepLR steps on an upstream ``LoraModel``. ``torch.set_flush_denormal(True)`` is on: with random
-weights the untied LM head gives huge logits whose gradients fill with denormals otherwise.
+Every pair is timed interleaved (A, B, A, B, ...; ``benchmarks.common``) and reported as the
+median per-round ratio with its spread. ``torch.set_flush_denormal(True)`` is on.
 
-Prints as its last lines ``edit_vs_plain_lora_0=<x>`` and ``edit_vs_plain_lora_10000=<y>``.
-Usage: python benchmarks/edit.py [--iters N] [--batch N] [--device cpu|cuda] [--threads N]
+* ``edit_vs_uncached_t5small``: one MELO edit with ``cache_frozen_prefix`` on / off on a T5 with
+  google/t5-small-ssm-nq's real dimensions (random weights), the qa config's targets (4 ``wo``),
+  r = 40, batch 100 of random tokens (input 20, labels 8).
+* ``edit_vs_uncached_gpt2xl``: the same on GPT-2 XL's widths (n_embd 1600, 25 heads, FFN 6400,
+  vocab 50257) with the hallucination config's layers: targets h.36/h.37 ``mlp.c_fc``, key layer
+  h.35, r = 700; ``--gpt2xl-layers`` blocks in all (48 = the real model; fewer keeps the 13 blocks
+  from the key layer up and drops lower ones, which raises the ratio), batch 4 x 32 tokens.
+* ``edit_vs_plain_lora_0`` / ``edit_vs_plain_lora_10000``: the T5 MELO edit (cache on, its
+  default) with an empty database and with 10,000 stored clusters, against the same number of
+  Adam + StepLR steps of upstream peft's ``LoraModel`` on the same modules and rank.
+
+Usage: python -m benchmarks.edit [--iters N] [--rounds N] [--device cpu|cuda] [--threads N]
+       [--gpt2xl-layers N] [--skip-gpt2xl]
 """
 
 from __future__ import annotations
@@ -15,69 +23,124 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from benchmarks.common import interleaved, load_line, setup
 from benchmarks.routing import t5_small_ssm_nq
-from peft_melo import MeloConfig, get_melo_model
+from peft_melo import MeloConfig, MeloModel, get_melo_model
 
 log = logging.getLogger("benchmarks.edit")
-TARGETS = [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in (5, 6)] + [
+T5_TARGETS = [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in (5, 6)] + [
     f"decoder.block.{i}.layer.2.DenseReluDense.wo" for i in (5, 6)
 ]
+T5_KEY = "encoder.block.4.layer.1.DenseReluDense.wo"
 
 
-def plain_lora_steps(model: torch.nn.Module, batch: dict, iters: int, device: str) -> float:
-    lora = get_peft_model(model, LoraConfig(r=40, lora_alpha=40, target_modules=TARGETS, lora_dropout=0.0))
+def t5_batch(n: int, device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(2, 32128, (n, 20), generator=g).to(device),
+        "attention_mask": torch.ones(n, 20, dtype=torch.long, device=device),
+        "labels": torch.randint(2, 32128, (n, 8), generator=g).to(device),
+    }
+
+
+def gpt2xl(n_layer: int, device: str) -> tuple[torch.nn.Module, list[str], str]:
+    """GPT-2 XL's widths with random weights; the adapted/key layers keep their distance from the top."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).to(device)
+    top = n_layer - 48  # real: key h.35, targets h.36, h.37
+    targets = [f"transformer.h.{i + top}.mlp.c_fc" for i in (36, 37)]
+    return model, targets, f"transformer.h.{35 + top}.mlp.c_fc"
+
+
+def melo_model(base: torch.nn.Module, targets: list[str], key: str, iters: int, num_block: int,
+               num_rank_per_block: int) -> MeloModel:
+    """MELO on ``base`` itself (no copy: GPT-2 XL's weights are 6 GB in fp32)."""
+    return get_melo_model(base, MeloConfig(
+        target_modules=targets, grace_layer=key, num_block=num_block,
+        num_rank_per_block=num_rank_per_block, init_radius=75.0, num_iter=iters))
+
+
+def editor(melo: MeloModel, batch: dict[str, torch.Tensor], cached: bool = True):
+    """One edit of ``batch`` with the frozen-prefix cache on or off (the same model both ways)."""
+    def run() -> None:
+        if melo.num_blocks_left == 0:
+            melo.next_block = 0  # benchmark only: reuse blocks, the work per edit is the same
+        melo.config_.cache_frozen_prefix = cached
+        melo.edit(batch)
+    return run
+
+
+def plain_lora(base: torch.nn.Module, batch: dict[str, torch.Tensor], iters: int):
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=40, lora_alpha=40, target_modules=T5_TARGETS,
+                                                          lora_dropout=0.0))
     params = [p for p in lora.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
-    start = time.perf_counter()
-    for _ in range(iters):
-        loss = lora(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+
+    def run() -> None:
+        opt = torch.optim.Adam(params, lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
+        for _ in range(iters):
+            loss = lora(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10, help="optimizer steps per edit")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per ratio")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpt2xl-layers", type=int, default=48)
+    parser.add_argument("--skip-gpt2xl", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    log.info("device=%s threads=%d iters=%d batch=%d (flush_denormal on)", args.device,
-             torch.get_num_threads(), args.iters, args.batch)
-    base = t5_small_ssm_nq(args.device)
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(2, 32128, (args.batch, 20), generator=g).to(args.device),
-        "attention_mask": torch.ones(args.batch, 20, dtype=torch.long, device=args.device),
-        "labels": torch.randint(2, 32128, (args.batch, 8), generator=g).to(args.device),
-    }
-    melo = get_melo_model(copy.deepcopy(base), MeloConfig(
-        target_modules=TARGETS, grace_layer="encoder.block.4.layer.1.DenseReluDense.wo", num_block=20,
-        num_rank_per_block=2, init_radius=75.0, num_iter=args.iters))
-    floor = plain_lora_steps(copy.deepcopy(base), batch, args.iters, args.device)  # also a warm-up
-    floor = min(floor, plain_lora_steps(copy.deepcopy(base), batch, args.iters, args.device))
-    t_empty = melo.edit(batch).time_s
-    filler = torch.randn(10_000, 512, generator=g).to(args.device) * 100 + 1000
+    setup(args.threads)
+    dev = args.device
+    lines = []
+
+    base = t5_small_ssm_nq(dev)
+    batch = t5_batch(args.batch, dev)
+    floor = plain_lora(base, batch, args.iters)  # on a copy: built before MELO wraps ``base``
+    base_for_floor = copy.deepcopy(base)
+    melo = melo_model(base, T5_TARGETS, T5_KEY, args.iters, 20, 2)
+    t5 = interleaved("t5small cached / uncached edit", editor(melo, batch, True),
+                     editor(melo, batch, False), args.rounds, dev)
+    lines.append(f"edit_vs_uncached_t5small={t5.median:.3f}")
+    melo = melo_model(base_for_floor, T5_TARGETS, T5_KEY, args.iters, 20, 2)  # empty database
+    empty = interleaved("MELO edit (0 clusters) / plain LoRA", editor(melo, batch), floor, args.rounds, dev)
+    g = torch.Generator().manual_seed(1)
+    filler = torch.randn(10_000, 512, generator=g).to(dev) * 100 + 1000
     melo.database.update(filler, torch.arange(10_000), block=19)
-    t_full = melo.edit(batch).time_s
-    log.info("plain LoRA %d steps: %.2f s; MELO edit: %.2f s (empty db), %.2f s (%d clusters)",
-             args.iters, floor, t_empty, t_full, len(melo.database))
-    print(f"edit_vs_plain_lora_0={t_empty / floor:.3f}")
-    print(f"edit_vs_plain_lora_10000={t_full / floor:.3f}")
+    full = interleaved("MELO edit (10,000 clusters) / plain LoRA", editor(melo, batch), floor,
+                       args.rounds, dev)
+    lines.append(f"edit_vs_plain_lora_0={empty.median:.3f}")
+    lines.append(f"edit_vs_plain_lora_10000={full.median:.3f}")
+
+    if not args.skip_gpt2xl:
+        del melo, base, base_for_floor, floor
+        model, targets, key = gpt2xl(args.gpt2xl_layers, dev)
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(0, 50257, (4, 32), generator=g).to(dev)
+        gbatch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        xl_melo = melo_model(model, targets, key, max(2, args.iters // 3), 350, 2)
+        xl = interleaved(f"gpt2xl ({args.gpt2xl_layers} blocks) cached / uncached edit",
+                         editor(xl_melo, gbatch, True), editor(xl_melo, gbatch, False),
+                         max(3, args.rounds // 2), dev)
+        lines.append(f"edit_vs_uncached_gpt2xl={xl.median:.3f}")
+
+    log.info("%s", load_line())
+    for line in lines:
+        print(line)
 
 
 if __name__ == "__main__":

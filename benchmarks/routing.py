@@ -5,8 +5,9 @@ Prints, as its last two lines:
                         dimensions, random weights, batch 32, input 20, decoder 5, 10,000 clusters)
   route_vs_matmul=<y>   time to route 64 keys of dim 512 against 100,000 clusters / time of the bare
                         ``keys @ centers.T`` on the same tensors (the compute floor)
-Ratios are measured in one process (ours vs the reference op); absolute times are printed too.
-Usage: python benchmarks/routing.py [--device cpu|cuda] [--repeats N] [--threads N]
+Each pair is timed interleaved (A, B, A, B, ...; ``benchmarks.common``): the printed ratio is
+the median per-round ratio; its spread, the absolute times and the machine's load are logged.
+Usage: python -m benchmarks.routing [--device cpu|cuda] [--repeats N] [--threads N]
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import argparse
 import copy
 import logging
 import statistics
-import time
-from typing import Callable
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+from benchmarks.common import interleaved, load_line, setup
 from peft_melo import MeloConfig, VectorDatabase, get_melo_model
 
 log = logging.getLogger("benchmarks.routing")
@@ -33,22 +33,6 @@ def t5_small_ssm_nq(device: str) -> torch.nn.Module:
                    num_decoder_layers=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                    dropout_rate=0.0, decoder_start_token_id=0)
     return T5ForConditionalGeneration(cfg).eval().to(device)
-
-
-def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Median wall time of ``fn`` in seconds after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def routing_overhead(device: str, repeats: int, n_clusters: int = 10_000) -> tuple[float, float, float]:
@@ -81,9 +65,9 @@ def routing_overhead(device: str, repeats: int, n_clusters: int = 10_000) -> tup
     routed = int((wrapped.routing.blocks >= 0).sum())
     log.info("database: %d clusters; %d of 32 rows routed to a block", len(db), routed)
     with torch.no_grad():
-        t_base = timed(lambda: base(**inputs), repeats, device)
-        t_melo = timed(lambda: wrapped(**inputs), repeats, device)
-    return t_melo / t_base, t_base, t_melo
+        result = interleaved("MELO forward / base forward", lambda: wrapped(**inputs),
+                             lambda: base(**inputs), repeats, device, warmup=2)
+    return result.median, statistics.median(result.b), statistics.median(result.a)
 
 
 def route_vs_matmul(device: str, repeats: int, n_clusters: int = 100_000, dim: int = 512) -> tuple[float, float, float]:
@@ -92,9 +76,9 @@ def route_vs_matmul(device: str, repeats: int, n_clusters: int = 100_000, dim: i
     db.update(torch.randn(n_clusters, dim, generator=g).to(device), torch.arange(n_clusters), block=0)
     keys = torch.randn(64, dim, generator=g).to(device)
     centers = db.centers
-    t_floor = timed(lambda: keys @ centers.T, repeats * 4, device)
-    t_route = timed(lambda: db.route(keys), repeats * 4, device)
-    return t_route / t_floor, t_floor, t_route
+    result = interleaved("route / bare matmul", lambda: db.route(keys), lambda: keys @ centers.T,
+                         repeats * 4, device, warmup=2)
+    return result.median, statistics.median(result.b), statistics.median(result.a)
 
 
 def main() -> None:
@@ -103,16 +87,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    log.info("device=%s torch=%s threads=%d repeats=%d", args.device, torch.__version__,
-             torch.get_num_threads(), args.repeats)
+    setup(args.threads)
+    log.info("device=%s repeats=%d", args.device, args.repeats)
     ratio, t_base, t_melo = routing_overhead(args.device, args.repeats)
     log.info("forward batch 32 (input 20, decoder 5): base %.1f ms, MELO with 10,000 clusters %.1f ms",
              t_base * 1e3, t_melo * 1e3)
     ratio2, t_floor, t_route = route_vs_matmul(args.device, args.repeats)
     log.info("64 keys x 100,000 clusters x 512: bare matmul %.2f ms, route %.2f ms", t_floor * 1e3, t_route * 1e3)
+    log.info("%s", load_line())
     print(f"routing_overhead={ratio:.3f}")
     print(f"route_vs_matmul={ratio2:.3f}")
 

@@ -226,17 +226,17 @@ class VectorDatabase:
         inside = dist <= self.radii[idx]
         counts = self.cluster_count[idx]  # [n]
         if self._single_point:
-            blocks = self.point_blocks[self.cluster_start[idx]]
+            blocks = self._pblocks[self._order[self.cluster_start[idx]]]
         else:
-            # Gather each key's candidate points: a [n, M] window into the cluster-sorted points.
+            # Each key's candidate points: a [n, M] window into the cluster-sorted row index.
             width = int(counts.max())
             offsets = torch.arange(width, device=keys.device)
             cand = self.cluster_start[idx, None] + offsets[None, :]  # [n, M]
             valid = offsets[None, :] < counts[:, None]
-            cand = torch.where(valid, cand, self.cluster_start[idx, None])
-            diff = self.point_keys[cand] - keys[:, None, :]  # [n, M, d]
+            rows = self._order[torch.where(valid, cand, self.cluster_start[idx, None])]  # [n, M]
+            diff = self._pkeys[rows] - keys[:, None, :]  # [n, M, d]
             d2 = (diff * diff).sum(-1).masked_fill(~valid, float("inf"))
-            blocks = self.point_blocks[cand.gather(1, d2.argmin(1, keepdim=True)).squeeze(1)]
+            blocks = self._pblocks[rows.gather(1, d2.argmin(1, keepdim=True)).squeeze(1)]
         return torch.where(inside, blocks, torch.full_like(blocks, NO_BLOCK))
 
     # ------------------------------------------------------------------ update
