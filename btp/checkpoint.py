@@ -44,7 +44,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 #: Config sections that may change between a run and its resume without changing the numbers
 #: (where results are logged, which device computes them, whether checkpoints are written).
-RESUME_IGNORED = ("wandb", "checkpoint", "device")
+RESUME_IGNORED = ("wandb", "checkpoint", "device", "threads")
 #: Keys of the JSON document (and tensors) that the runner needs to resume.
 REQUIRED_STATE = {"batches_done": int, "n_edits": int, "edit_time_s": (int, float),
                   "records": list, "rng": dict, "config": dict, "n_batches": int}

@@ -18,6 +18,7 @@ that does not run leaves the run dir's ``.hydra/`` files as the run that did run
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -135,6 +136,21 @@ def edit_batch_size(cfg: DictConfig) -> int:
     ``num_edit_per_block``. ``metric_period`` still counts edits (records), not batches."""
     size = alg_section(cfg).get("batch_size")
     return int(size) if size is not None else int(cfg.num_edit_per_block)
+
+
+def pick_threads(threads: int | None) -> int:
+    """Torch intra-op threads: ``threads`` when set, else the cores not busy now (>= 1).
+
+    The busy cores are the 1-minute load average (``os.getloadavg``), where the platform has it.
+    """
+    if threads is not None:
+        return int(threads)
+    cores = os.cpu_count() or 1
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, cores - busy))
 
 
 def pick_device(name: str) -> torch.device:
@@ -300,9 +316,10 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
 
     task = _value(cfg.task)
     device = pick_device(cfg.device)
+    torch.set_num_threads(pick_threads(cfg.get("threads")))
     seed_everything(cfg.seed)
-    log.info("run dir %s; task %s, alg %s, model %s, device %s", run_dir, task, cfg.alg.name,
-             cfg.model.name, device)
+    log.info("run dir %s; task %s, alg %s, model %s, device %s, %d CPU threads", run_dir, task,
+             cfg.alg.name, cfg.model.name, device, torch.get_num_threads())
     ckpt_dir = run_dir / "checkpoint"
 
     data = load_task_data(task, plain(cfg.data), Path(cfg.data_dir), cfg.max_n_edits,

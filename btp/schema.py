@@ -257,6 +257,9 @@ class Config:
     max_n_edits: Optional[int] = None  # null = the task's whole stream
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch intra-op CPU threads; null = the cores not busy with other work now (at least 1):
+    # on a loaded machine more threads than free cores slow a run down many times over.
+    threads: Optional[int] = None
     num_edit_per_block: int = 100
     metric_period: int = 200
     data: DataCfg = field(default_factory=DataCfg)
@@ -362,7 +365,8 @@ _SEED = (lambda v: _is_int(v) and 0 <= v < 2**32, "use an integer in [0, 2**32 -
 VALUE_RULES: dict[str, dict[str, tuple[Any, str]]] = {
     "": {"max_n_edits": (_optional(_POS_INT[0]), "use an integer >= 1 (or null for the whole "
                                                  "stream)"),
-         "seed": _SEED, "num_edit_per_block": _POS_INT, "metric_period": _POS_INT},
+         "seed": _SEED, "num_edit_per_block": _POS_INT, "metric_period": _POS_INT,
+         "threads": (_OPT_POS_INT[0], "use an integer >= 1 (or null: the free cores)")},
     "data": {"n_upstream": (_OPT_POS_INT[0], "use an integer >= 1 (or null for every record)"),
              "max_length": _OPT_POS_INT, "label_max_length": _OPT_POS_INT,
              "edit_permutation_seed": _SEED},
