@@ -113,13 +113,9 @@ def validate(cfg: DictConfig) -> None:
     if kind != want:
         raise ConfigError(f"task '{task}' needs a {want} model but model '{cfg.model.name}' is "
                           f"{kind}; pick a matching +model")
-    if cfg.num_edit_per_block < 1 or cfg.metric_period < 1:
-        raise ConfigError("num_edit_per_block and metric_period must be >= 1")
-    if edit_batch_size(cfg) < 1:
+    if edit_batch_size(cfg) < 1:  # sections outside VALUE_RULES (a newly registered editor)
         raise ConfigError(f"the edit batch size must be >= 1; check {cfg.alg.name}'s batch_size "
                           "(null = num_edit_per_block)")
-    if cfg.max_n_edits is not None and cfg.max_n_edits < 1:
-        raise ConfigError("max_n_edits must be >= 1 (or null for the whole stream)")
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
@@ -334,7 +330,8 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
     checkpointed.n_batches = len(stream)
     sets = EvalSets(upstream=batched(data.upstream, eval_bs),
                     holdout=batched(data.holdout, eval_bs) if data.holdout is not None else None,
-                    accurate=batched(data.accurate, eval_bs) if data.accurate is not None else None)
+                    accurate=batched(data.accurate, eval_bs) if data.accurate is not None else None,
+                    truth=batched(data.truth, eval_bs) if data.truth is not None else None)
 
     editor = EDITORS[cfg.alg.name](model, plain(alg_section(cfg)), model_cfg,
                                    lambda: lazy_batches(sets.upstream, collate))

@@ -180,7 +180,7 @@ def test_user_error_fails_only_its_job_in_a_basic_multirun(tmp_path: Path) -> No
     proc = subprocess.run(cmd, cwd=ROOT / "btp", env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
-    assert "max_n_edits must be >= 1" in proc.stdout + proc.stderr
+    assert "max_n_edits=0 is out of range" in proc.stdout + proc.stderr
     assert (done / "run.log").is_file(), proc.stderr[-3000:]  # the second job ran
     assert "already finished, skipping" in (done / "run.log").read_text()
 
