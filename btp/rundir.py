@@ -125,12 +125,17 @@ class RunDir:
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
             raise RunDirError(f"another process ({holder}) is running in {self.path}; wait for it "
                               "to finish (a re-run then resumes or skips it) or use another "
                               "hydra.run.dir") from None
+        except OSError as e:  # a file system without flock (some FUSE mounts): run unlocked
+            os.close(fd)
+            log.warning("%s: cannot lock the run dir (%s); two runs started into it would not "
+                        "be stopped", self.path, e)
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._lock_fd = fd
