@@ -8,6 +8,11 @@ mean metrics plus one prediction per example (a 1-D integer tensor) for locality
 * ``scotus``: ``acc`` (argmax accuracy); prediction = the argmax class.
 * ``hallucination``: ``ppl`` = exp(the HF loss of the batch); prediction = the per-token argmax
   over the real (attention-masked) positions.
+* ``zsre`` and ``counterfact`` (decoder LLMs): ``acc`` = teacher-forced token accuracy on the
+  target tokens (EasyEdit's and WISE's Rel./Gen.: the argmax at t - 1 equals token t, averaged
+  over an example's target tokens, then over examples); prediction = those argmax tokens, and
+  ``locality`` is the fraction of them equal to the unedited model's (EasyEdit's Loc.), averaged
+  over examples.
 
 :func:`evaluate_batches` averages batch means (NaN-tolerant), as the original does.
 """
@@ -51,6 +56,11 @@ class TaskEvaluator(abc.ABC):
     def score(self, editor: Editor, batch: dict[str, torch.Tensor]
               ) -> tuple[dict[str, float], list[torch.Tensor]]:
         """Batch means by metric name, and one prediction tensor per example (on CPU)."""
+
+    def locality(self, preds: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+        """How much of the unedited model's upstream predictions ``preds`` keep: by default the
+        fraction of examples predicted exactly as before (:func:`btp.metrics.locality`)."""
+        return metrics.locality(preds, refs)
 
 
 class QAEvaluator(TaskEvaluator):
@@ -103,10 +113,33 @@ class PerplexityEvaluator(TaskEvaluator):
         return {"ppl": ppl}, [a[m] for a, m in zip(argmax, mask)]
 
 
+class TokenAccuracyEvaluator(TaskEvaluator):
+    """Fact editing on decoder LLMs: teacher-forced accuracy on the target tokens."""
+
+    main = "acc"
+
+    def score(self, editor: Editor, batch: dict[str, torch.Tensor]
+              ) -> tuple[dict[str, float], list[torch.Tensor]]:
+        from btp.data.facts import target_token_predictions
+
+        batch = self._to(batch)
+        # labels go in too: they mark the prompt, which a key position may need (and cost one loss)
+        out = editor.forward(**batch)
+        preds, golds = target_token_predictions(out.logits, batch["labels"])
+        accs = [float((p == g).float().mean()) if g.numel() else float("nan")
+                for p, g in zip(preds, golds)]
+        return {"acc": metrics.nanmean(accs)}, preds
+
+    def locality(self, preds: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+        return metrics.token_agreement(preds, refs)
+
+
 EVALUATORS: dict[str, type[TaskEvaluator]] = {
     "qa": QAEvaluator,
     "scotus": ClassificationEvaluator,
     "hallucination": PerplexityEvaluator,
+    "zsre": TokenAccuracyEvaluator,
+    "counterfact": TokenAccuracyEvaluator,
 }
 
 

@@ -9,8 +9,10 @@ edit stream before editing). After every ``metric_period`` edits and after the l
 loop evaluates:
 
 * ``ES``: the chunk just edited; ``ERR``: every chunk edited so far (mean of chunk means);
-* ``TRR``: upstream; ``locality``: fraction of upstream examples predicted as by the unedited model;
-* ``holdout`` (qa) and ``ARR`` (hallucination);
+* ``TRR``: upstream; ``locality``: how much of the unedited model's upstream predictions is kept
+  (the evaluator's rule: examples predicted exactly as before, or tokens for the fact tasks);
+* ``holdout`` (qa, zsre, counterfact), ``ARR`` (hallucination) and ``truth`` (zsre,
+  counterfact: the edit prompts with their true answers);
 * ``ES_alone``, ``ERR_alone`` and ``holdout_alone``: the same records each asked in a batch of
   its own (``btp.asked_alone``; off with ``eval.alone_records=0``);
 * the editor's database ``clusters``/``conflicts``/``forgotten``; cumulative ``edit_time_s``.
@@ -33,7 +35,6 @@ from btp.asked_alone import AskedAlone
 from btp.checkpoint import kill_hook
 from btp.editors.base import Editor
 from btp.evaluation import TaskEvaluator, evaluate_batches, lazy_batches
-from btp.metrics import locality
 from btp.outputs import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class EvalSets:
     upstream: list[list[dict]]
     holdout: list[list[dict]] | None = None
     accurate: list[list[dict]] | None = None
+    truth: list[list[dict]] | None = None
 
 
 class EditingLoop:
@@ -135,6 +137,10 @@ class EditingLoop:
             res = evaluate_batches(self.evaluator, self.editor,
                                    lazy_batches(self.sets.accurate, self.collate))
             record.update(self._named("ARR", res.means))
+        if self.sets.truth is not None:
+            res = evaluate_batches(self.evaluator, self.editor,
+                                   lazy_batches(self.sets.truth, self.collate))
+            record.update(self._named("truth", res.means))
         return up.preds
 
     # -- the two evaluations ------------------------------------------------------------------
@@ -168,7 +174,7 @@ class EditingLoop:
             record.update(self._named("ERR_alone", err_alone))
         preds = self._eval_sets(record, keep_refs=False)
         assert state.refs is not None, "pre_edit() must run before evaluate()"
-        record["locality"] = locality(preds, state.refs)
+        record["locality"] = self.evaluator.locality(preds, state.refs)
         record.update(self.editor.stats())
         record["edit_time_s"] = state.edit_time_s
         return record

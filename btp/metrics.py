@@ -92,6 +92,29 @@ def locality(preds: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> flo
     return same / len(refs)
 
 
+def token_agreement(preds: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """Per example, the fraction of positions where the prediction equals the unedited model's
+    token (EasyEdit's locality), averaged over examples.
+
+    Each prediction is a 1-D tensor of the teacher-forced argmax tokens of one example; a
+    prediction of another length than its reference counts as 0 for that example.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"locality: {len(preds)} predictions vs {len(refs)} references")
+    if not refs:
+        return float("nan")
+    values = []
+    for p, r in zip(preds, refs):
+        p, r = p.cpu(), r.cpu()
+        if p.shape != r.shape:
+            values.append(0.0)
+        elif r.numel() == 0:
+            values.append(1.0)
+        else:
+            values.append(float((p == r).float().mean()))
+    return sum(values) / len(values)
+
+
 def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate 1-D tensors into ``(flat, offsets)`` for storage (offsets has n+1 entries)."""
     lengths = [int(t.numel()) for t in tensors]

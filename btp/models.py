@@ -11,6 +11,12 @@ access; a DictConfig, dataclass or namespace):
 * ``num_labels``: classes for ``classification`` (tiny only; a checkpoint keeps its own).
 * ``tiny``: ``None`` for the real checkpoint, else a dict of small widths (keys in
   :data:`TINY_KEYS`), e.g. ``{d_model: 64, d_ff: 128, heads: 4}``.
+* ``dtype``: ``fp32`` (default) | ``bf16`` | ``fp16``: the base model's weights (MELO's LoRA
+  factors and vector database stay in fp32, see ``peft_melo``).
+* ``device_map``: ``None`` (the run's ``device``), or accelerate's placement, e.g. ``auto`` to
+  spread a large checkpoint over every visible GPU (real checkpoints only).
+* ``gguf_package`` / ``gguf_file`` / ``cache_dir``: a GGUF checkpoint shipped in an installed
+  package (SmolLM2), cached as a plain safetensors copy (:mod:`btp.packaged_models`).
 * ``target_modules`` / ``grace_layer``: not used here (the editors check them).
 
 A tiny stand-in keeps the real checkpoint's module paths, layer counts and FFN type
@@ -24,8 +30,11 @@ Every model comes back with all dropout at 0 (config fields and modules), in eva
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
+import urllib.parse
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -34,60 +43,27 @@ import torch
 from torch import nn
 
 from btp.errors import ConfigError, ModelLoadError
-from btp.tokenizer import SPECIAL_IDS, get_tokenizer
+from btp.families import (ARCH_HINTS, ARCHS, FAMILIES, TINY_KEYS, Family, family_of_arch,
+                          transformers_class)
+from btp.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
 
 KINDS = ("seq2seq", "classification", "causal_lm")
 
-#: The real checkpoints' architecture facts that a tiny stand-in keeps (method.md's table).
-ARCHS: dict[str, dict[str, Any]] = {
-    # google/t5-small-ssm-nq: T5 v1.1 style, 8+8 blocks, gated-gelu FFN (wi_0, wi_1, wo), untied.
-    "t5small": {"family": "t5", "kind": "seq2seq", "num_layers": 8,
-                "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
-                "d_model": 64, "d_ff": 128, "heads": 4},
-    # google/t5-large-ssm-nq: 24+24 blocks, relu FFN (wi, wo); tied as in T5 v1.0 (unverified).
-    "t5large": {"family": "t5", "kind": "seq2seq", "num_layers": 24,
-                "feed_forward_proj": "relu", "tie_word_embeddings": True,
-                "d_model": 64, "d_ff": 256, "heads": 4},
-    # tomh/scotus-bert: BERT base, 12 layers, sequence classification (module prefix "bert.").
-    "scotus-bert": {"family": "bert", "kind": "classification", "num_layers": 12,
-                    "d_model": 64, "d_ff": 256, "heads": 4},
-    # gpt2-xl / tomh/gpt2xl-grace: 48 blocks, Conv1D projections (fan_in_fan_out).
-    "gpt2xl": {"family": "gpt2", "kind": "causal_lm", "num_layers": 48,
-               "d_model": 64, "d_ff": 256, "heads": 4},
-}
-
-#: Hub ids / name fragments that identify an architecture when ``tiny.arch`` is not given.
-_ARCH_HINTS = {
-    "t5-small-ssm-nq": "t5small", "t5small": "t5small", "t5-small": "t5small",
-    "t5-large-ssm-nq": "t5large", "t5large": "t5large", "t5-large": "t5large",
-    "scotus-bert": "scotus-bert", "bert": "scotus-bert",
-    "gpt2xl": "gpt2xl", "gpt2-xl": "gpt2xl", "gpt2": "gpt2xl",
-}
-
-#: Keys a ``tiny`` dict may hold.
-#: ``initializer_range`` is the init scale: BERT/GPT-2 ``initializer_range`` (std of the normal
-#: init, default 0.02); for T5 it is passed as ``initializer_factor`` (a multiplier, default 1.0).
-#: ``residual_scale`` multiplies the init of every residual branch's output projection (self-
-#: attention out and FFN out, :data:`RESIDUAL_OUTPUTS`; T5's cross-attention is left alone), the
-#: scaled-residual init of deep stacks (GPT-2, T-Fixup): with it the residual stream keeps the
-#: input, where a deep random stack at the default init maps every input to nearly one output.
-TINY_KEYS = frozenset({"arch", "d_model", "d_ff", "heads", "d_kv", "num_layers", "seed",
-                       "num_labels", "max_positions", "initializer_range", "residual_scale"})
-
-#: Name suffixes of the residual branches' output projections, per family (``residual_scale``).
+#: Per family, the name suffixes of the residual branches' output projections (``residual_scale``).
 RESIDUAL_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "t5": ("SelfAttention.o", "DenseReluDense.wo"),
-    "bert": ("attention.output.dense", "output.dense"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-}
+    name: fam.residual_outputs for name, fam in FAMILIES.items()}
 
 _AUTO_CLASSES = {
     "seq2seq": "AutoModelForSeq2SeqLM",
     "classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
 }
+
+#: ``model.dtype`` values -> torch dtypes (the LoRA factors and the database stay in fp32).
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def _field(cfg: Any, key: str, default: Any = None) -> Any:
@@ -126,9 +102,9 @@ def resolve_arch(model_cfg: Any, tiny: dict[str, Any]) -> str:
         text = str(source).lower()
         text = text[5:] if text.startswith(("tiny-", "tiny_")) else text
         # Longest hint first so "t5-small-ssm-nq" wins over "t5-small" and "gpt2-xl" over "gpt2".
-        for hint in sorted(_ARCH_HINTS, key=len, reverse=True):
+        for hint in sorted(ARCH_HINTS, key=len, reverse=True):
             if hint in text:
-                return _ARCH_HINTS[hint]
+                return ARCH_HINTS[hint]
     raise ConfigError(
         f"cannot tell which architecture tiny model '{_field(model_cfg, 'name', '?')}' stands "
         f"for; set model.tiny.arch to one of {sorted(ARCHS)}"
@@ -140,67 +116,36 @@ def build_tiny_config(arch: str, tiny: dict[str, Any], num_labels: int | None) -
     unknown = set(tiny) - TINY_KEYS
     if unknown:
         raise ConfigError(f"model.tiny: unknown key(s) {sorted(unknown)}; allowed {sorted(TINY_KEYS)}")
+    family = family_of_arch(arch)
     spec = {**ARCHS[arch], **{k: v for k, v in tiny.items() if v is not None}}
-    d_model, d_ff, heads = int(spec["d_model"]), int(spec["d_ff"]), int(spec["heads"])
-    layers = int(spec["num_layers"])
+    d_model, heads = int(spec["d_model"]), int(spec["heads"])
     if d_model % heads:
         raise ConfigError(f"model.tiny: d_model {d_model} is not divisible by heads {heads}")
-    vocab = len(get_tokenizer(spec["family"]))
-    if spec["family"] == "t5":
-        from transformers import T5Config
-
-        return T5Config(
-            vocab_size=vocab, d_model=d_model, d_kv=int(spec.get("d_kv", d_model // heads)),
-            d_ff=d_ff, num_layers=layers, num_decoder_layers=layers, num_heads=heads,
-            feed_forward_proj=spec["feed_forward_proj"],
-            tie_word_embeddings=spec["tie_word_embeddings"], dropout_rate=0.0,
-            pad_token_id=SPECIAL_IDS["<pad>"], eos_token_id=SPECIAL_IDS["</s>"],
-            decoder_start_token_id=SPECIAL_IDS["<pad>"],
-            initializer_factor=float(spec.get("initializer_range", 1.0)),
-        )
-    if spec["family"] == "bert":
-        from transformers import BertConfig
-
-        return BertConfig(
-            vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers,
-            num_attention_heads=heads, intermediate_size=d_ff,
-            max_position_embeddings=int(spec.get("max_positions", 512)),
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
-            pad_token_id=SPECIAL_IDS["[PAD]"],
-            num_labels=int(spec.get("num_labels", num_labels or 14)),
-            initializer_range=float(spec.get("initializer_range", 0.02)),
-        )
-    from transformers import GPT2Config
-
-    eos = SPECIAL_IDS["<|endoftext|>"]
-    return GPT2Config(
-        vocab_size=vocab, n_positions=int(spec.get("max_positions", 1024)), n_embd=d_model,
-        n_layer=layers, n_head=heads, n_inner=d_ff, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, summary_first_dropout=0.0, bos_token_id=eos, eos_token_id=eos,
-        pad_token_id=eos, initializer_range=float(spec.get("initializer_range", 0.02)),
-    )
+    if heads % int(spec.get("kv_heads", heads)):
+        raise ConfigError(f"model.tiny: heads {heads} is not a multiple of kv_heads "
+                          f"{spec['kv_heads']}")
+    tokenizer = get_tokenizer(family.tokenizer)
+    return transformers_class(family.config_class)(**family.config_fields(spec, tokenizer,
+                                                                          num_labels))
 
 
 def build_tiny_model(arch: str, tiny: dict[str, Any], num_labels: int | None = None,
                      seed: int = 0) -> tuple[nn.Module, Any]:
-    """A seeded random tiny stand-in for ``arch`` and its offline tokenizer.
+    """A seeded random tiny stand-in for ``arch`` and its family's offline tokenizer.
 
     The global torch RNG is forked, so building a model does not shift the run's random stream.
     """
-    from transformers import BertForSequenceClassification, GPT2LMHeadModel, T5ForConditionalGeneration
-
     config = build_tiny_config(arch, tiny, num_labels)
-    family = ARCHS[arch]["family"]
-    cls = {"t5": T5ForConditionalGeneration, "bert": BertForSequenceClassification,
-           "gpt2": GPT2LMHeadModel}[family]
+    family = family_of_arch(arch)
+    cls = transformers_class(family.model_class)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(tiny.get("seed", seed)))
         model = cls(config)
-        if family == "t5" and not ARCHS[arch].get("tie_word_embeddings", True):
+        if family.untied_head and not ARCHS[arch].get("tie_word_embeddings", True):
             _untie_t5_lm_head(model)
     if tiny.get("residual_scale") is not None:
-        scale_residual_branches(model, family, float(tiny["residual_scale"]))
-    return model, get_tokenizer(family)
+        scale_residual_branches(model, family.name, float(tiny["residual_scale"]))
+    return model, get_tokenizer(family.tokenizer)
 
 
 def scale_residual_branches(model: nn.Module, family: str, scale: float) -> int:
@@ -257,19 +202,35 @@ def zero_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def freeze(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """Dropout 0, eval mode, no gradients anywhere, on ``device``."""
+def freeze(model: nn.Module, device: torch.device | str | None) -> nn.Module:
+    """Dropout 0, eval mode, no gradients anywhere, on ``device`` (``None``: where it is, e.g.
+    spread over several GPUs by a ``device_map``)."""
     zero_dropout(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(device)
+    return model if device is None else model.to(device)
 
 
 def _offline() -> bool:
     # Read at call time (huggingface_hub reads HF_HUB_OFFLINE once, at import).
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint, so that a machine without network fails at once
+    instead of after minutes of download retries."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def _load_error(what: str, ident: str, err: Exception) -> ModelLoadError:
@@ -281,12 +242,46 @@ def _load_error(what: str, ident: str, err: Exception) -> ModelLoadError:
         )
     return ModelLoadError(
         f"could not load {what} '{ident}': no network or the Hugging Face hub was unreachable "
-        f"({type(err).__name__}); use a tiny-* model or set the path to a local checkpoint"
+        f"({type(err).__name__}); use a tiny-* model or set model.pretrained=/path/to/checkpoint "
+        "(a local folder)"
     )
 
 
+def torch_dtype(name: str | None) -> torch.dtype:
+    """``model.dtype`` (``fp32``/``bf16``/``fp16``, or the torch names) as a torch dtype."""
+    key = str(name or "fp32").lower()
+    if key not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not a dtype this runner loads; use fp32, "
+                          "bf16 or fp16")
+    return DTYPES[key]
+
+
+def checkpoint_source(model_cfg: Any) -> tuple[str, str]:
+    """``(model ident, tokenizer ident)`` of a real checkpoint: ``pretrained`` (hub id or
+    folder), or the plain copy of the GGUF file that ``gguf_package`` ships (built on first use,
+    :mod:`btp.packaged_models`)."""
+    package = _field(model_cfg, "gguf_package")
+    if package:
+        from btp.packaged_models import gguf_checkpoint
+
+        gguf_file = _field(model_cfg, "gguf_file")
+        if not gguf_file:
+            raise ConfigError(f"model '{_field(model_cfg, 'name', '?')}': gguf_package is set but "
+                              "gguf_file is not; name the GGUF file the package ships")
+        folder = str(gguf_checkpoint(str(package), str(gguf_file), _field(model_cfg, "cache_dir")))
+        return folder, str(_field(model_cfg, "tokenizer", folder))
+    ident = str(_field(model_cfg, "pretrained", "") or "")
+    if not ident:
+        raise ConfigError(f"model '{_field(model_cfg, 'name', '?')}': no 'pretrained' and no 'tiny'")
+    return ident, str(_field(model_cfg, "tokenizer", ident))
+
+
 def load_pretrained(model_cfg: Any) -> tuple[nn.Module, Any]:
-    """The real checkpoint and tokenizer via the ``AutoModelFor*``/``AutoTokenizer`` classes.
+    """The real checkpoint and tokenizer via the ``AutoModelFor*``/``AutoTokenizer`` classes,
+    in ``model.dtype`` and, when ``model.device_map`` is set, placed by accelerate.
+
+    Without network (``HF_HUB_OFFLINE=1``, or the hub's endpoint not reachable) a hub id is
+    looked up in the local cache only, so a missing checkpoint fails at once.
 
     Raises:
         ModelLoadError: the hub could not be reached (or the path/id is wrong), in one line.
@@ -294,12 +289,12 @@ def load_pretrained(model_cfg: Any) -> tuple[nn.Module, Any]:
     import transformers
 
     kind = _field(model_cfg, "kind")
-    ident = str(_field(model_cfg, "pretrained", "") or "")
-    if not ident:
-        raise ConfigError(f"model '{_field(model_cfg, 'name', '?')}': no 'pretrained' and no 'tiny'")
-    tok_ident = str(_field(model_cfg, "tokenizer", ident))
-    local_only = _offline()
+    ident, tok_ident = checkpoint_source(model_cfg)
+    local = Path(ident).expanduser().exists()
+    local_only = _offline() or (not local and not _hub_reachable())
     auto_cls = getattr(transformers, _AUTO_CLASSES[kind])
+    dtype = torch_dtype(_field(model_cfg, "dtype"))
+    device_map = _field(model_cfg, "device_map")
     try:
         config = transformers.AutoConfig.from_pretrained(ident, local_files_only=local_only)
     except Exception as e:  # noqa: BLE001 - any hub/IO failure means the same to the user
@@ -307,12 +302,17 @@ def load_pretrained(model_cfg: Any) -> tuple[nn.Module, Any]:
     for key, value in config.to_dict().items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)  # before init: some modules copy these floats at build time
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map:
+        kwargs["device_map"] = str(device_map)
     try:
-        model = auto_cls.from_pretrained(ident, config=config, local_files_only=local_only)
+        model = auto_cls.from_pretrained(ident, config=config, local_files_only=local_only,
+                                         **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _load_error("model", ident, e) from e
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_ident, local_files_only=local_only)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_ident,
+                                                               local_files_only=local_only)
     except Exception as e:  # noqa: BLE001
         raise _load_error("tokenizer", tok_ident, e) from e
     if kind == "causal_lm":
@@ -348,11 +348,16 @@ def load_model_and_tokenizer(
     if tiny_section is not None:
         tiny = _as_dict(tiny_section)
         arch = resolve_arch(model_cfg, tiny)
-        if ARCHS[arch]["kind"] != kind:
-            raise ConfigError(f"tiny architecture '{arch}' is {ARCHS[arch]['kind']}, not {kind}")
+        arch_kind = family_of_arch(arch).kind
+        if arch_kind != kind:
+            raise ConfigError(f"tiny architecture '{arch}' is {arch_kind}, not {kind}")
         model, tokenizer = build_tiny_model(arch, tiny, _field(model_cfg, "num_labels"), seed)
         log.info("built tiny %s stand-in (%d parameters)", arch,
                  sum(p.numel() for p in model.parameters()))
     else:
         model, tokenizer = load_pretrained(model_cfg)
-    return freeze(model, device), tokenizer
+        if _field(model_cfg, "device_map"):
+            return freeze(model, None), tokenizer  # accelerate placed it
+        return freeze(model, device), tokenizer
+    dtype = torch_dtype(_field(model_cfg, "dtype"))
+    return freeze(model.to(dtype), device), tokenizer

@@ -45,11 +45,13 @@ if not OmegaConf.has_resolver("repo_path"):
 
 
 class Task(str, Enum):
-    """The three sequential-editing tasks of MELO."""
+    """The three sequential-editing tasks of MELO, and the fact-editing tasks of decoder LLMs."""
 
     qa = "qa"
     scotus = "scotus"
     hallucination = "hallucination"
+    zsre = "zsre"  # zsRE as EasyEdit and WISE edit decoder LLMs (btp/data/zsre_lm.py)
+    counterfact = "counterfact"  # CounterFact (btp/data/counterfact.py)
 
 
 class ModelKind(str, Enum):
@@ -62,7 +64,8 @@ class ModelKind(str, Enum):
 
 #: The model kind each task needs (checked before loading anything).
 TASK_KIND = {Task.qa: ModelKind.seq2seq, Task.scotus: ModelKind.classification,
-             Task.hallucination: ModelKind.causal_lm}
+             Task.hallucination: ModelKind.causal_lm, Task.zsre: ModelKind.causal_lm,
+             Task.counterfact: ModelKind.causal_lm}
 
 
 class KeyPosition(str, Enum):
@@ -128,6 +131,8 @@ class DataCfg:
     n_upstream: Optional[int] = 1000
     max_length: Optional[int] = None  # null = the original's per kind: 20 / 512 / 1024
     label_max_length: Optional[int] = None  # seq2seq labels; null = max_length
+    # counterfact (either form: the original's requested_rewrite records or EasyEdit's flat ones)
+    counterfact_file: Optional[str] = None  # null = counterfact/counterfact_sample.json
 
 
 @dataclass
@@ -232,6 +237,11 @@ class ModelCfg:
     target_modules: List[str] = MISSING
     grace_layer: str = MISSING  # MELO's key layer
     grace_baseline_layer: Optional[str] = None  # GRACE baseline's edited layer
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the base model (LoRA factors and database stay fp32)
+    device_map: Optional[str] = None  # null = `device`; e.g. auto: accelerate spreads the model
+    gguf_package: Optional[str] = None  # an installed package that ships a GGUF checkpoint
+    gguf_file: Optional[str] = None  # the GGUF file inside that package
+    cache_dir: Optional[str] = None  # the plain copy of a GGUF checkpoint; null = ~/.cache/mesgd
 
 
 @dataclass
@@ -383,7 +393,10 @@ VALUE_RULES: dict[str, dict[str, tuple[Any, str]]] = {
     "plain_lora": {"r": _OPT_POS_INT, "alpha": _OPT_POS_REAL, "num_iter": _POS_INT,
                    "edit_lr": _POS_REAL, "batch_size": _OPT_POS_INT},
     "model": {"num_labels": (_optional(lambda v: _is_int(v) and v >= 2),
-                             "use an integer >= 2 (or null: the checkpoint's own)")},
+                             "use an integer >= 2 (or null: the checkpoint's own)"),
+              "dtype": (lambda v: str(v).lower() in ("fp32", "float32", "bf16", "bfloat16",
+                                                     "fp16", "float16"),
+                        "use fp32, bf16 or fp16")},
 }
 
 #: ``device`` values: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``.

@@ -18,8 +18,27 @@ id  token              role
 8   ``<|endoftext|>``  GPT-2 bos/eos/unk, and pad
 ==  =================  ==========================================
 
-:func:`get_tokenizer` wraps it as ``transformers.PreTrainedTokenizerFast`` for a family (``t5``,
-``bert``, ``gpt2``) or model kind (``seq2seq``, ``classification``, ``causal_lm``).
+The decoder-LLM tokenizer families add three more special tokens after the trained vocabulary
+(:data:`EXTRA_SPECIAL_TOKENS`, ids 6000-6002 with the shipped asset), so the three original
+families keep their vocabulary, and with it their tiny models' weights, unchanged.
+
+:func:`get_tokenizer` wraps it as ``transformers.PreTrainedTokenizerFast`` for a tokenizer family
+(:data:`FAMILIES`; a model family names its own in :mod:`btp.families`) or, for the three
+original families, a model kind (``seq2seq``, ``classification``, ``causal_lm``). Each uses its
+special tokens as the real tokenizer does:
+
+=========  =====================================  ==================================================
+family     real tokenizer                         here
+=========  =====================================  ==================================================
+``t5``     T5                                     ``x </s>``; pad ``<pad>`` (also decoder start)
+``bert``   BERT WordPiece                         ``[CLS] x [SEP]``; pad ``[PAD]``
+``gpt2``   GPT-2 / GPT-J byte-level BPE           ``x``; ``<|endoftext|>`` is bos, eos, unk and pad
+``llama``  Llama 2 / Mistral SentencePiece        ``<s> x`` (bos added, eos not); eos ``</s>``,
+                                                  unk ``<unk>``; pad = eos (the real one has none,
+                                                  the runner pads with eos)
+``qwen2``  Qwen2 / Qwen2.5 byte-level BPE         ``x`` (no bos); ``<|endoftext|>`` is eos and pad;
+                                                  ``<|im_start|>``/``<|im_end|>`` are specials
+=========  =====================================  ==================================================
 
 Rebuild the asset (deterministic: same texts in the same order give the same file)::
 
@@ -50,9 +69,15 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "[PAD]", "[UNK]", "[CLS]", "[SEP]", 
                   "<|endoftext|>"]
 SPECIAL_IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 
-FAMILIES = ("t5", "bert", "gpt2")
+#: Special tokens of the decoder-LLM families, appended after the trained vocabulary.
+EXTRA_SPECIAL_TOKENS = ["<s>", "<|im_start|>", "<|im_end|>"]
+
+FAMILIES = ("t5", "bert", "gpt2", "llama", "qwen2")
 KIND_FAMILY = {"seq2seq": "t5", "classification": "bert", "causal_lm": "gpt2"}
-_MAX_LEN = {"t5": 512, "bert": 512, "gpt2": 1024}
+_MAX_LEN = {"t5": 512, "bert": 512, "gpt2": 1024, "llama": 4096, "qwen2": 32768}
+#: Folders of the data sample that the asset was not trained on (added after it was built);
+#: leaving them out keeps ``--rebuild`` reproducing the shipped asset.
+CORPUS_EXCLUDE = ("counterfact",)
 
 
 def _strings(obj: Any) -> Iterator[str]:
@@ -68,9 +93,12 @@ def _strings(obj: Any) -> Iterator[str]:
 
 
 def corpus_texts(data_dir: Path) -> list[str]:
-    """All texts of the data files under ``data_dir`` (json, jsonl, txt), sorted by path."""
+    """All texts of the data files under ``data_dir`` (json, jsonl, txt), sorted by path,
+    without the folders of :data:`CORPUS_EXCLUDE`."""
     texts: list[str] = []
-    for path in sorted(p for p in Path(data_dir).rglob("*") if p.is_file()):
+    root = Path(data_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()
+                       and p.relative_to(root).parts[0] not in CORPUS_EXCLUDE):
         if path.suffix == ".json":
             texts.extend(_strings(json.loads(path.read_text(encoding="utf-8"))))
         elif path.suffix == ".jsonl":
@@ -118,10 +146,12 @@ def base_tokenizer() -> Tokenizer:
 
 
 def get_tokenizer(family_or_kind: str) -> Any:
-    """The shipped tokenizer as ``PreTrainedTokenizerFast`` for ``t5``/``bert``/``gpt2``.
+    """The shipped tokenizer as ``PreTrainedTokenizerFast`` for a tokenizer family.
 
-    Model kinds ``seq2seq``/``classification``/``causal_lm`` map to those families. T5 appends
-    ``</s>``; BERT wraps as ``[CLS] x [SEP]``; GPT-2 adds nothing and pads with its eos.
+    Families: ``t5``/``bert``/``gpt2``/``llama``/``qwen2`` (module docstring); the model kinds
+    ``seq2seq``/``classification``/``causal_lm`` map to the first three. T5 appends ``</s>``;
+    BERT wraps as ``[CLS] x [SEP]``; GPT-2 adds nothing and pads with its eos; Llama prepends
+    ``<s>``; Qwen2 adds nothing.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -144,6 +174,18 @@ def get_tokenizer(family_or_kind: str) -> Any:
         )
         kwargs = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                   "sep_token": "[SEP]", "mask_token": "[MASK]"}
+    elif family == "llama":
+        tok.add_special_tokens(EXTRA_SPECIAL_TOKENS)
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+        kwargs = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                  "pad_token": "</s>"}
+    elif family == "qwen2":
+        tok.add_special_tokens(EXTRA_SPECIAL_TOKENS)
+        eos = "<|endoftext|>"
+        kwargs = {"eos_token": eos, "pad_token": eos,
+                  "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
     else:
         eos = "<|endoftext|>"
         kwargs = {"pad_token": eos, "eos_token": eos, "bos_token": eos, "unk_token": eos}

@@ -17,6 +17,14 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -67,7 +75,38 @@ def build_gpt2(*, vocab: int = VOCAB, n_embd: int = 32, heads: int = 4, seed: in
     return GPT2LMHeadModel(cfg).eval()
 
 
+_DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def build_decoder(family: str, num_layers: int, *, vocab: int = VOCAB, hidden: int = 32,
+                  intermediate: int = 48, heads: int = 4, kv_heads: int = 4, seed: int = 0,
+                  **extra: object) -> torch.nn.Module:
+    """A seeded random Llama / Mistral / Qwen2 causal LM (gated SiLU FFN, rotary, grouped-query
+    attention with ``kv_heads``, untied head) with ``num_layers`` layers; eos = pad = 1."""
+    torch.manual_seed(seed)
+    config_cls, model_cls = _DECODERS[family]
+    cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                     num_hidden_layers=num_layers, num_attention_heads=heads,
+                     num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                     max_position_embeddings=64, attention_dropout=0.0, tie_word_embeddings=False,
+                     bos_token_id=2, eos_token_id=1, pad_token_id=1, **extra)
+    return model_cls(cfg).eval()
+
+
+def build_gptj(*, vocab: int = VOCAB, n_embd: int = 32, heads: int = 4, seed: int = 0,
+               **extra: object) -> torch.nn.Module:
+    """A seeded random 28-block GPT-J (parallel attention + FFN, rotary, Linear layers)."""
+    torch.manual_seed(seed)
+    cfg = GPTJConfig(vocab_size=vocab, n_embd=n_embd, n_layer=28, n_head=heads, n_positions=64,
+                     rotary_dim=2, n_inner=48, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=1, eos_token_id=1, pad_token_id=1, **extra)
+    return GPTJForCausalLM(cfg).eval()
+
+
 T5_WO = "DenseReluDense.wo"
+#: MELO's key layer and the two adapted FFNs above it on the decoder LLMs (config/model/*.yaml).
+_DOWN = "mlp.down_proj"
 CASES = [
     Case("t5-small-ssm-nq", lambda: build_t5(8, "gated-gelu"),
          tuple([f"encoder.block.{i}.layer.1.{T5_WO}" for i in (5, 6)] + [f"decoder.block.{i}.layer.2.{T5_WO}" for i in (5, 6)]),
@@ -80,6 +119,15 @@ CASES = [
          "bert.encoder.layer.4.output.dense", "classification"),
     Case("gpt2-xl", build_gpt2, tuple(f"transformer.h.{i}.mlp.c_fc" for i in (36, 37)),
          "transformer.h.35.mlp.c_fc", "causal_lm"),
+    # seed 1: at seed 0 the random block happens to leave this stand-in's greedy tokens unchanged
+    Case("llama-2-7b", lambda: build_decoder("llama", 32, seed=1),
+         tuple(f"model.layers.{i}.{_DOWN}" for i in (28, 29)), f"model.layers.27.{_DOWN}", "causal_lm"),
+    Case("qwen2.5-7b", lambda: build_decoder("qwen2", 28, kv_heads=2),
+         tuple(f"model.layers.{i}.{_DOWN}" for i in (24, 25)), f"model.layers.23.{_DOWN}", "causal_lm"),
+    Case("mistral-7b", lambda: build_decoder("mistral", 32, kv_heads=1, sliding_window=4096),
+         tuple(f"model.layers.{i}.{_DOWN}" for i in (28, 29)), f"model.layers.27.{_DOWN}", "causal_lm"),
+    Case("gpt-j-6b", build_gptj, tuple(f"transformer.h.{i}.mlp.fc_out" for i in (22, 23)),
+         "transformer.h.21.mlp.fc_out", "causal_lm"),
 ]
 CASE_IDS = [c.name for c in CASES]
 

@@ -1,7 +1,8 @@
 """The data layer: per-task loaders returning :class:`TaskData`, and the :class:`Collator`.
 
-``load_task_data(task, data_cfg, data_dir, max_n_edits)`` with ``task`` in ``qa`` (alias
-``zsre``), ``scotus``, ``hallucination``. Relative file names are under ``data_dir`` (the shipped
+``load_task_data(task, data_cfg, data_dir, max_n_edits)`` with ``task`` in ``qa`` (zsRE on T5),
+``scotus``, ``hallucination``, and the decoder-LLM fact-editing tasks ``zsre`` and
+``counterfact`` (:mod:`btp.data.facts`). Relative file names are under ``data_dir`` (the shipped
 sample is the repository's ``data/``; ``download.sh`` fills the same layout with the full data).
 
 ``data_cfg`` keys read here (attribute access; a missing key or ``None`` means the default):
@@ -31,6 +32,7 @@ key                         meaning                                             
 ``upstream_source``         OpenWebText: ``auto`` | ``hub`` | ``jsonl`` | ``txt``  ``auto``
 ``upstream_hub_id``         hub id                                               ``stas/openwebtext-10k``
 ``openwebtext_dir``         folder of ``openwebtext-10k.jsonl`` / ``*.txt``      ``openwebtext``
+``counterfact_file``        CounterFact, either form (counterfact)               ``counterfact/counterfact_sample.json``
 ==========================  ===================================================  ==============
 
 Not read by ``load_task_data`` but meant for the same section (the runner passes them to
@@ -38,7 +40,7 @@ Not read by ``load_task_data`` but meant for the same section (the runner passes
 ``label_max_length`` (qa 20; unused by the other kinds).
 
 Number of edits: ``max_n_edits`` if given; otherwise 1000 for qa (MELO's ``n_edits``) and the
-whole stream for scotus and hallucination. A source with fewer records is used whole (logged).
+whole stream for the other tasks (zsre: ``zsre_file`` defaults to ``zsre_mend_eval.json``). A source with fewer records is used whole (logged).
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TaskData", "Collator", "load_task_data", "check_labels", "TASKS"]
 
-TASKS = ("qa", "scotus", "hallucination")
-_ALIASES = {"zsre": "qa", "hallucinations": "hallucination"}
+TASKS = ("qa", "scotus", "hallucination", "zsre", "counterfact")
+_ALIASES = {"hallucinations": "hallucination"}
 
 #: MELO's default number of zsRE edits when ``max_n_edits`` is not given.
 DEFAULT_QA_EDITS = 1000
@@ -71,7 +73,7 @@ def load_task_data(
     """Load the edit stream, upstream, holdout and accurate sets of ``task``.
 
     Args:
-        task: ``qa`` (alias ``zsre``), ``scotus`` or ``hallucination``.
+        task: ``qa``, ``scotus``, ``hallucination``, ``zsre`` or ``counterfact``.
         data_cfg: the data config section (keys in the module docstring), a dict, or ``None``.
         data_dir: root of the data layout (the shipped sample or what download.sh filled).
         max_n_edits: cap on the edit stream; ``None`` means the task's default (see above).
@@ -120,6 +122,14 @@ def load_task_data(
 
         edits, accurate, upstream = load_hallucination(data_dir, max_n_edits, n_upstream, get)
         data = TaskData(edits=edits, upstream=upstream, accurate=accurate)
+    elif task == "zsre":
+        from btp.data.zsre_lm import load_zsre_facts
+
+        data = load_zsre_facts(data_dir, max_n_edits, n_upstream, get)
+    elif task == "counterfact":
+        from btp.data.counterfact import load_counterfact
+
+        data = load_counterfact(data_dir, max_n_edits, n_upstream, get)
     else:
         raise DataError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
     if not data.edits:

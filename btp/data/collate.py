@@ -6,6 +6,8 @@
   padded with -100.
 * ``classification`` (task ``scotus``): padded and truncated to exactly ``max_length`` (512);
   ``labels`` = LongTensor ``[n]``.
+* fact editing (tasks ``zsre``, ``counterfact``; a causal LM): ``prompt + " " + target`` as
+  EasyEdit tokenizes it, labels on the target tokens only (:func:`btp.data.facts.fact_batch`).
 * ``causal_lm`` (task ``hallucination``): text = ``prompt + " " + label + eos`` truncated on the
   right to ``max_length`` (1024) tokens; ``labels`` = ``input_ids`` with -100 on the prompt
   tokens and on pads; right padding with the pad id (= eos for GPT-2). A record with an empty
@@ -24,8 +26,11 @@ from btp.errors import ConfigError
 
 KINDS = ("seq2seq", "classification", "causal_lm")
 #: Task names map to the model kind they use.
-TASK_KIND = {"qa": "seq2seq", "zsre": "seq2seq", "scotus": "classification",
-             "hallucination": "causal_lm"}
+TASK_KIND = {"qa": "seq2seq", "scotus": "classification", "hallucination": "causal_lm",
+             "zsre": "causal_lm", "counterfact": "causal_lm"}
+#: Fact-editing tasks of decoder LLMs: ``prompt + " " + target``, loss on the target tokens only,
+#: no eos (:func:`btp.data.facts.fact_batch`).
+FACT_TASKS = ("zsre", "counterfact")
 #: The original's lengths per kind (inputs, labels).
 DEFAULT_MAX_LENGTH = {"seq2seq": 20, "classification": 512, "causal_lm": 1024}
 
@@ -37,8 +42,8 @@ class Collator:
 
     Args:
         tokenizer: a ``transformers`` tokenizer (ours from :mod:`btp.tokenizer`, or a real one).
-        kind: ``seq2seq`` | ``classification`` | ``causal_lm``, or ``qa`` | ``scotus`` |
-            ``hallucination``.
+        kind: ``seq2seq`` | ``classification`` | ``causal_lm``, or a task name: ``qa`` |
+            ``scotus`` | ``hallucination`` | ``zsre`` | ``counterfact``.
         max_length: input length cap; ``None`` uses the original's value for the kind.
         label_max_length: seq2seq label length cap; ``None`` means ``max_length``.
     """
@@ -51,6 +56,7 @@ class Collator:
         label_max_length: int | None = None,
     ) -> None:
         kind = str(getattr(kind, "value", kind))  # a str Enum from the schema -> plain value
+        self.facts = kind in FACT_TASKS
         kind = TASK_KIND.get(kind, kind)
         if kind not in KINDS:
             raise ConfigError(f"unknown collator kind '{kind}'; expected one of {KINDS}")
@@ -65,6 +71,10 @@ class Collator:
         """Tokenize ``records`` into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
         if not records:
             raise ValueError("Collator got an empty batch")
+        if self.facts:
+            from btp.data.facts import fact_batch
+
+            return fact_batch(self.tokenizer, records, self.max_length)
         if self.kind == "seq2seq":
             return self._seq2seq(records)
         if self.kind == "classification":

@@ -33,14 +33,17 @@ class TaskData:
     Attributes:
         edits: the edit stream, in stream order; each ``{"text": str, "label": str | int}``.
         upstream: records the model should keep right (retention, TRR).
-        holdout: rephrasings of the edits (generality); qa only, else ``None``.
+        holdout: rephrasings of the edits (generality); qa, zsre and counterfact, else ``None``.
         accurate: sentences the model already gets right (ARR); hallucination only, else ``None``.
+        truth: the edit prompts with their true answers (``truth``: what the model knew before
+            the edit); zsre and counterfact only, else ``None``.
     """
 
     edits: list[Record] = field(default_factory=list)
     upstream: list[Record] = field(default_factory=list)
     holdout: list[Record] | None = None
     accurate: list[Record] | None = None
+    truth: list[Record] | None = None
 
     def counts(self) -> dict[str, int]:
         """Number of records per part (``None`` parts count as 0), for logs and summaries."""
@@ -49,6 +52,7 @@ class TaskData:
             "upstream": len(self.upstream),
             "holdout": len(self.holdout or []),
             "accurate": len(self.accurate or []),
+            "truth": len(self.truth or []),
         }
 
 
