@@ -66,7 +66,8 @@ def test_one_block_for_every_example_equals_peft_lora(case: Case) -> None:
     assert melo.database.route(_keys(melo, batch)).eq(block).all()
 
     lora = get_peft_model(reference, LoraConfig(r=p, lora_alpha=p * nb, target_modules=list(case.targets),
-                                                lora_dropout=0.0, fan_in_fan_out=case.kind == "causal_lm"))
+                                                lora_dropout=0.0,
+                                                fan_in_fan_out=type(reference.get_submodule(case.targets[0])).__name__ == "Conv1D"))
     with torch.no_grad():
         for name, module in lora.named_modules():
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
@@ -227,7 +228,9 @@ def test_key_id_beyond_the_sequence_is_clamped_to_the_last_position(case: Case) 
 # so only its encoder prefix is cached.
 PREFIX_BLOCKS = {"t5-small-ssm-nq": {"encoder.block": 5, "decoder.block": 0},
                  "t5-large-ssm-nq": {"encoder.block": 22, "decoder.block": 0},
-                 "scotus-bert": {"bert.encoder.layer": 9}, "gpt2-xl": {"transformer.h": 36}}
+                 "scotus-bert": {"bert.encoder.layer": 9}, "gpt2-xl": {"transformer.h": 36},
+                 "llama-2-7b": {"model.layers": 28}, "qwen2.5-7b": {"model.layers": 24},
+                 "mistral-7b": {"model.layers": 28}, "gpt-j-6b": {"transformer.h": 22}}
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
