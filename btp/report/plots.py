@@ -179,7 +179,8 @@ def _y_axis(ax: Any, task: str, metric: str, kind: Kind, values: list[float]) ->
         ax.set_ylabel("count")
     elif kind == "nonnegative":
         low, high = ax.get_ylim()
-        ax.set_ylim(max(low, 0.0), high)
+        # Times compare as ratios: from 0. Perplexities keep a close-up (never below 0).
+        ax.set_ylim(0.0 if metric.startswith("edit_time") else max(low, 0.0), high)
         ax.set_ylabel("seconds" if metric.startswith("edit_time")
                       else TASK_METRIC.get(task, ("",))[0])
     else:
