@@ -200,6 +200,7 @@ class FtCfg:
     early_stop: str = "original"  # original | shifted (causal LM next-token) | none
     error_filter: str = "original"  # original | exact | none
     batch_size: Optional[int] = 1  # records per edit; null = num_edit_per_block
+    cache_frozen_prefix: bool = True  # blocks below the trained layer run once per edit
 
 
 @dataclass
@@ -222,6 +223,7 @@ class PlainLoraCfg:
     num_iter: int = 50
     edit_lr: float = 1e-2
     batch_size: Optional[int] = None
+    cache_frozen_prefix: bool = True  # blocks below the lowest adapted one run once per edit
 
 
 @dataclass

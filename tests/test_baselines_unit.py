@@ -264,3 +264,24 @@ def test_plain_lora_is_peft_lora(kind, tmp_path) -> None:
     loaded = PeftModel.from_pretrained(build()[0], str(tmp_path))
     with torch.no_grad():
         assert torch.equal(loaded(**b).logits, ed.forward(**b).logits)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDS))
+@pytest.mark.parametrize("editor", ["ft", "plain_lora"])
+def test_frozen_prefix_cache_gives_the_uncached_baseline_edit(kind: str, editor: str) -> None:
+    """FT (GRACE's layer) and plain LoRA with the blocks below their trained layers cached: the
+    same losses (fp32, relative 1e-5) and weights as the uncached steps."""
+    build, make = BUILDS[kind]
+    results = {}
+    for cached in (True, False):
+        torch.manual_seed(0)
+        model, mcfg = build()
+        b = _wrong(kind, model, make(n=2, seed=1))
+        cfg = {**(FT if editor == "ft" else LORA), "cache_frozen_prefix": cached}
+        ed = FtEditor(model, cfg, mcfg) if editor == "ft" else PlainLoraEditor(model, cfg, mcfg)
+        results[cached] = (ed.edit(b).losses, ed.state_dict())
+    (on, on_state), (off, off_state) = results[True], results[False]
+    assert len(on) == len(off) > 1 and on[-1] < on[0]
+    torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-5, atol=0)
+    for key, value in on_state.items():
+        torch.testing.assert_close(value, off_state[key], rtol=1e-4, atol=1e-6)

@@ -238,3 +238,24 @@ def select_rows(batch: Mapping[str, torch.Tensor], rows: torch.Tensor,
         width = int((lab != -100).any(0).nonzero().max()) + 1
         out["labels"] = lab[:, :width]
     return out
+
+
+class _NoPrefixCache:
+    """Stands in for ``FrozenPrefixCache`` when the cache is off: every step runs in full."""
+
+    def __enter__(self) -> "_NoPrefixCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def step_done(self) -> None:
+        """Nothing recorded, nothing to replay."""
+
+
+def frozen_prefix(model: nn.Module, enabled: bool) -> Any:
+    """The frozen-prefix cache over the modules ``model`` trains now (call inside the edit, once
+    the trained weights require grad), or a no-op when ``enabled`` is false."""
+    from peft_melo import FrozenPrefixCache, trainable_modules
+
+    return FrozenPrefixCache(model, trainable_modules(model)) if enabled else _NoPrefixCache()

@@ -48,6 +48,7 @@ from btp.editors.common import (
     cfg_get,
     cfg_str,
     check_choice,
+    frozen_prefix,
     get_module,
     model_device,
     model_inputs,
@@ -111,6 +112,7 @@ class FtEditor(Editor):
         self.params: dict[str, nn.Parameter] = {f"{self.layer_name}.weight": weight}
         self.kind = model_kind(model)
         self.num_iter = int(cfg_get(alg_cfg, "num_iter", 100))
+        self.cache_frozen_prefix = bool(cfg_get(alg_cfg, "cache_frozen_prefix", True))
         self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1e-2))
         self.optimizer = check_choice("ft", "optimizer", cfg_str(alg_cfg, "optimizer", "adam"),
                                       OPTIMIZERS)
@@ -158,24 +160,34 @@ class FtEditor(Editor):
             return EditOutcome()
         batch = select_rows(batch, rows, self.kind)
         t0 = time.perf_counter()
-        losses: list[float] = []
         with self._trainable(), torch.enable_grad():
             self.prepare(batch)
             opt = make_optimizer(self.optimizer, list(self.params.values()), self.edit_lr)
-            for _ in range(self.num_iter):
-                opt.zero_grad(set_to_none=True)
-                out = self.base_model(**batch)
-                if self._done(out.logits.detach(), batch["labels"]):
-                    break
-                loss = out.loss
-                pen = self.penalty()
-                total = loss if pen is None else loss + pen
-                total.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                if pen is not None:
-                    log.debug("loss %.4f ewc penalty %.4g", losses[-1], float(pen.detach()))
+            prefix = frozen_prefix(self.base_model, self.cache_frozen_prefix)
+            with prefix:
+                losses = self._steps(batch, opt, prefix)
         return EditOutcome(losses=losses, time_s=time.perf_counter() - t0)
+
+    def _steps(self, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+               prefix: Any) -> list[float]:
+        """At most ``num_iter`` steps, stopping once the labels are predicted -> the losses."""
+        losses: list[float] = []
+        for step in range(self.num_iter):
+            opt.zero_grad(set_to_none=True)
+            out = self.base_model(**batch)
+            if step == 0:
+                prefix.step_done()
+            if self._done(out.logits.detach(), batch["labels"]):
+                break
+            loss = out.loss
+            pen = self.penalty()
+            total = loss if pen is None else loss + pen
+            total.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if pen is not None:
+                log.debug("loss %.4f ewc penalty %.4g", losses[-1], float(pen.detach()))
+        return losses
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"ft.{k}": p.detach().clone() for k, p in self.params.items()}

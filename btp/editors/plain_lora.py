@@ -26,7 +26,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from torch import nn
 
 from btp.editors.base import EditOutcome, Editor, register_editor
-from btp.editors.common import cfg_get, is_conv1d, model_device, model_inputs, resolve_target_modules, to_device
+from btp.editors.common import (cfg_get, frozen_prefix, is_conv1d, model_device, model_inputs,
+                                resolve_target_modules, to_device)
 from btp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class PlainLoraEditor(Editor):
         for p in self.lora_params:
             p.requires_grad_(True)
         self.num_iter = int(cfg_get(alg_cfg, "num_iter", 50))
+        self.cache_frozen_prefix = bool(cfg_get(alg_cfg, "cache_frozen_prefix", True))
         self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1e-2))
         log.info("plain LoRA: r=%d alpha=%g on %d modules (%d trainable tensors)", self.config.r,
                  self.config.lora_alpha, len(self.config.target_modules), len(self.lora_params))
@@ -90,10 +92,12 @@ class PlainLoraEditor(Editor):
         batch = to_device(model_inputs(batch), model_device(self.base_model))
         opt = torch.optim.Adam(self.lora_params, lr=self.edit_lr)  # fresh per batch, like MELO
         losses: list[float] = []
-        with torch.enable_grad():
-            for _ in range(self.num_iter):
+        with torch.enable_grad(), frozen_prefix(self.base_model, self.cache_frozen_prefix) as prefix:
+            for step in range(self.num_iter):
                 opt.zero_grad(set_to_none=True)
                 loss = self.base_model(**batch).loss
+                if step == 0:
+                    prefix.step_done()
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))

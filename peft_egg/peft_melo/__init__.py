@@ -7,6 +7,7 @@ Public API: :class:`MeloConfig`, :func:`get_melo_model`, :class:`MeloModel` (``e
 from .config import MELO_PEFT_TYPE, MeloConfig
 from .layer import Conv1D, Linear, MeloLayer
 from .model import EditResult, MeloModel, NoBlockLeftError, get_melo_model, resolve_module_name
+from .prefix_cache import FrozenPrefixCache, trainable_modules
 from .routing import RoutingState
 from .vector_database import NO_BLOCK, VectorDatabase
 
@@ -15,6 +16,7 @@ __all__ = [
     "NO_BLOCK",
     "Conv1D",
     "EditResult",
+    "FrozenPrefixCache",
     "Linear",
     "MeloConfig",
     "MeloLayer",
@@ -24,4 +26,5 @@ __all__ = [
     "VectorDatabase",
     "get_melo_model",
     "resolve_module_name",
+    "trainable_modules",
 ]

@@ -164,3 +164,9 @@ def find_prefixes(model: nn.Module, adapted: list[str]) -> list[tuple[str, list[
             found.append((name, module, min(indices)))
     outer = [f for f in found if not any(f[0].startswith(o[0] + ".") for o in found if o is not f)]
     return [(name, list(stack)[:lowest]) for name, stack, lowest in outer if lowest > 0]
+
+
+def trainable_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that own a parameter requiring grad (the ones an edit trains)."""
+    return [name for name, module in model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))]
