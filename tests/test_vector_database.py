@@ -311,3 +311,22 @@ def test_nearest_center_rechecks_beyond_the_candidate_window() -> None:
 def test_init_radius_must_be_positive(bad: float) -> None:
     with pytest.raises(ValueError, match="init_radius must be > 0"):
         VectorDatabase(init_radius=bad)
+
+
+def test_memory_per_cluster_stays_near_one_key() -> None:
+    """Founders are keyed by their center (no second copy of the key); spare capacity included,
+    a database of single-point clusters holds at most 2.2 x (4 bytes x d) per cluster."""
+    gen = torch.Generator().manual_seed(0)
+    dim = 512
+    db = VectorDatabase(init_radius=1.0)
+    db.update(torch.randn(3000, dim, generator=gen) * 10, torch.arange(3000) % 5, block=0)
+    for block in range(1, 4):  # grows the buffers; near keys expand or conflict
+        near = db.centers[torch.randint(0, len(db), (20,), generator=gen)] + 0.01 * torch.randn(20, dim, generator=gen)
+        db.update(torch.cat([near, torch.randn(80, dim, generator=gen) * 10]), torch.randint(0, 5, (100,), generator=gen), block)
+    assert db.conflicts > 0 and db.stats()["points"] > len(db)  # expansions and conflicts happened
+    assert db.nbytes() / len(db) <= 2.2 * 4 * dim
+    other = VectorDatabase(init_radius=1.0)
+    other.load_state_dict(db.state_dict())  # a loaded database keys its founders by center too
+    assert other.nbytes() <= db.nbytes()
+    probe = torch.cat([db.centers[:50] + 0.001, torch.randn(50, dim, generator=gen) * 10])
+    assert torch.equal(other.route(probe), db.route(probe))

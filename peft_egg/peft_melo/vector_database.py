@@ -8,12 +8,14 @@ of the batch reach, which are replayed in example order to keep the original's s
 
 Storage grows in amortized O(1) per insert: clusters and points live in buffers with spare
 capacity; a forgotten point is marked dead (cluster id -1) instead of compacting the table, and
-only an index of point rows (sorted by cluster) is rebuilt per update.
+only an index of point rows (sorted by cluster) is rebuilt per update. A point whose key is its
+cluster's center (a founder, a placeholder) stores no key of its own: most clusters hold one
+point, so this halves the memory. Such a key is written out before its cluster's center moves.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -93,7 +95,9 @@ class VectorDatabase:
         self._radii = torch.empty(n_clusters, device=dev)  # [capC]
         self._labels = torch.full((n_clusters, label_width), -100, dtype=torch.long, device=dev)  # [capC, L]
         self._n = 0
-        self._pkeys = torch.empty(n_points, d, device=dev)  # [capP, d]
+        self._kstore = torch.empty(0, d, device=dev)  # [capK, d] keys that are not a center (grows)
+        self._nk = 0
+        self._pkeyidx = torch.empty(n_points, dtype=torch.long, device=dev)  # [capP] row of _kstore, -1 = center
         self._pblocks = torch.empty(n_points, dtype=torch.long, device=dev)  # [capP], -1 = no block
         self._pclusters = torch.empty(n_points, dtype=torch.long, device=dev)  # [capP], -1 = dead row
         self._np = 0
@@ -126,7 +130,7 @@ class VectorDatabase:
     @property
     def point_keys(self) -> torch.Tensor:
         """[P, d] keys of the live points, grouped by cluster in insertion order (a copy)."""
-        return self._pkeys[self._order]
+        return self._keys_of(self._order)
 
     @property
     def point_blocks(self) -> torch.Tensor:
@@ -234,7 +238,7 @@ class VectorDatabase:
             cand = self.cluster_start[idx, None] + offsets[None, :]  # [n, M]
             valid = offsets[None, :] < counts[:, None]
             rows = self._order[torch.where(valid, cand, self.cluster_start[idx, None])]  # [n, M]
-            diff = self._pkeys[rows] - keys[:, None, :]  # [n, M, d]
+            diff = self._keys_of(rows) - keys[:, None, :]  # [n, M, d]
             d2 = (diff * diff).sum(-1).masked_fill(~valid, float("inf"))
             blocks = self._pblocks[rows.gather(1, d2.argmin(1, keepdim=True)).squeeze(1)]
         return torch.where(inside, blocks, torch.full_like(blocks, NO_BLOCK))
@@ -309,17 +313,41 @@ class VectorDatabase:
         self._centers[clusters] = centers
         self._center_sq[clusters] = (centers * centers).sum(-1)
 
-    def _append_points(self, keys: torch.Tensor, blocks: torch.Tensor, clusters: torch.Tensor) -> None:
-        """Append point rows; the buffers grow geometrically (amortized O(1) per point)."""
+    def _keys_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Keys [..., d] of live point rows [...] (a stored key, or the cluster's center)."""
+        centers = self._centers[self._pclusters[rows]]
+        if self._nk == 0:
+            return centers
+        idx = self._pkeyidx[rows]
+        return torch.where((idx >= 0).unsqueeze(-1), self._kstore[idx.clamp_min(0)], centers)
+
+    def _store_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Append keys to the key store -> their rows there."""
         m = keys.shape[0]
+        if self._nk + m > self._kstore.shape[0]:
+            self._kstore = _grown(self._kstore, self._nk, max(self._nk + m, 2 * self._kstore.shape[0], 16))
+        self._kstore[self._nk: self._nk + m] = keys
+        self._nk += m
+        return torch.arange(self._nk - m, self._nk, device=keys.device)
+
+    def _materialize(self, rows: torch.Tensor) -> None:
+        """Give the center-keyed points among ``rows`` a stored key (before their center moves)."""
+        implicit = rows[self._pkeyidx[rows] < 0]
+        if implicit.numel():
+            self._pkeyidx[implicit] = self._store_keys(self._centers[self._pclusters[implicit]])
+
+    def _append_points(self, keys: Optional[torch.Tensor], blocks: torch.Tensor, clusters: torch.Tensor) -> None:
+        """Append point rows (``keys=None``: each point's key is its cluster's center); the
+        buffers grow geometrically (amortized O(1) per point)."""
+        m = clusters.shape[0]
         if m == 0:
             return
-        if self._np + m > self._pkeys.shape[0]:
-            cap = max(self._np + m, 2 * self._pkeys.shape[0], 16)
-            self._pkeys = _grown(self._pkeys, self._np, cap)
+        if self._np + m > self._pblocks.shape[0]:
+            cap = max(self._np + m, 2 * self._pblocks.shape[0], 16)
+            self._pkeyidx = _grown(self._pkeyidx, self._np, cap)
             self._pblocks = _grown(self._pblocks, self._np, cap)
             self._pclusters = _grown(self._pclusters, self._np, cap)
-        self._pkeys[self._np: self._np + m] = keys
+        self._pkeyidx[self._np: self._np + m] = -1 if keys is None else self._store_keys(keys)
         self._pblocks[self._np: self._np + m] = blocks
         self._pclusters[self._np: self._np + m] = clusters
         self._np += m
@@ -332,8 +360,14 @@ class VectorDatabase:
     def _compact_points(self) -> None:
         live = (self._pclusters[: self._np] >= 0).nonzero().squeeze(1)
         m = int(live.shape[0])
+        idx = self._pkeyidx[live]
+        stored = idx >= 0
+        kstore = self._kstore[idx[stored]]
+        new_idx = torch.full_like(idx, -1)
+        new_idx[stored] = torch.arange(kstore.shape[0], device=idx.device)
+        self._kstore, self._nk = _grown(kstore, kstore.shape[0], max(kstore.shape[0], 16)), kstore.shape[0]
         cap = max(m, 16)
-        self._pkeys = _grown(self._pkeys[live], m, cap)
+        self._pkeyidx = _grown(new_idx, m, cap)
         self._pblocks = _grown(self._pblocks[live], m, cap)
         self._pclusters = _grown(self._pclusters[live], m, cap)
         self._np, self._dead = m, 0
@@ -346,11 +380,13 @@ class VectorDatabase:
         """
         rows, local = self._rows_of(clusters)
         m = clusters.shape[0]
+        old_keys = self._keys_of(rows)
+        self._materialize(rows)  # the centers move below
         self._append_points(keys, torch.full_like(clusters, block), clusters)
-        sums = keys.clone().index_add_(0, local, self._pkeys[rows])
+        sums = keys.clone().index_add_(0, local, old_keys)
         count = torch.ones(m, device=keys.device).index_add_(0, local, torch.ones_like(local, dtype=keys.dtype))
         centers = sums / count[:, None]
-        far = torch.cat([(self._pkeys[rows] - centers[local]).norm(dim=1), (keys - centers).norm(dim=1)])
+        far = torch.cat([(old_keys - centers[local]).norm(dim=1), (keys - centers).norm(dim=1)])
         widest = keys.new_zeros(m).scatter_reduce_(0, torch.cat([local, torch.arange(m, device=keys.device)]),
                                                    far, reduce="amax")
         self._set_centers(clusters, centers)
@@ -362,13 +398,13 @@ class VectorDatabase:
         self.conflicts += int(clusters.numel())
         self._radii[clusters] = dists / 2 - CONFLICT_MARGIN
         rows, local = self._rows_of(clusters)
-        keep = (self._pkeys[rows] - self._centers[clusters][local]).norm(dim=1) <= self._radii[clusters][local]
+        keep = (self._keys_of(rows) - self._centers[clusters][local]).norm(dim=1) <= self._radii[clusters][local]
         self.forgotten += int((~keep).sum())
         self._kill_points(rows[~keep])
         survivors = torch.zeros(clusters.shape[0], dtype=torch.bool, device=clusters.device)
         survivors[local[keep]] = True
         empty = clusters[~survivors]
-        self._append_points(self._centers[empty], torch.full_like(empty, NO_BLOCK), empty)
+        self._append_points(None, torch.full_like(empty, NO_BLOCK), empty)  # keyed by the center
 
     def _replay(self, keys: torch.Tensor, clusters: torch.Tensor, dists: torch.Tensor,
                 same: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,8 +423,9 @@ class VectorDatabase:
             events = (clusters == cluster).nonzero().squeeze(1).tolist()  # in example order
             start, count = int(self.cluster_start[cluster]), int(self.cluster_count[cluster])
             old_rows = self._order[start: start + count]
-            rows, pk, pb = old_rows.clone(), self._pkeys[old_rows], self._pblocks[old_rows]
-            center, radius = self._centers[cluster].clone(), self._radii[cluster].clone()
+            rows, pk, pb = old_rows.clone(), self._keys_of(old_rows), self._pblocks[old_rows]
+            old_center = self._centers[cluster].clone()
+            center, radius = old_center.clone(), self._radii[cluster].clone()
             for i in events:
                 if dists[i] > radius + r0:
                     founder[i], founder_radius[i] = True, r0
@@ -407,6 +444,8 @@ class VectorDatabase:
                     rows, pk, pb = rows[keep], pk[keep], pb[keep]
                     if pk.shape[0] == 0:
                         rows, pk, pb = rows.new_tensor([-1]), center[None].clone(), pb.new_tensor([NO_BLOCK])
+            if not torch.equal(center, old_center):
+                self._materialize(rows[rows >= 0])  # their keys were the old center
             self._set_centers(torch.tensor([cluster], device=self.device), center[None])
             self._radii[cluster] = radius
             self._kill_points(old_rows[~torch.isin(old_rows, rows)])
@@ -432,7 +471,7 @@ class VectorDatabase:
         self._set_centers(ids, keys)
         self._radii[ids] = radii.float()
         self._labels[ids] = _pad_columns(rows, self._labels.shape[1])
-        self._append_points(keys, torch.full_like(ids, block), ids)
+        self._append_points(None, torch.full_like(ids, block), ids)  # the founder's key is the center
 
     def _reindex(self) -> None:
         """Rebuild the routing index: live point rows sorted by cluster (insertion order within a
@@ -473,12 +512,16 @@ class VectorDatabase:
             )
         centers, keys = state["centers"].float(), state["point_keys"].float()
         labels = state["labels"].long()
+        clusters = state["point_clusters"].long()
         self._allocate(centers, 0, 0, max(1, labels.shape[1] if labels.dim() == 2 else 1))
-        self._pkeys = self._pkeys.new_empty(0, keys.shape[1])
-        n = centers.shape[0]
         self._centers, self._radii, self._labels = centers.clone(), state["radii"].float().clone(), labels.clone()
         self._center_sq = (centers * centers).sum(1)
-        self._n = n
-        self._append_points(keys, state["point_blocks"].long(), state["point_clusters"].long())
+        self._n = centers.shape[0]
+        at_center = (keys == centers[clusters]).all(1) if keys.shape[0] else torch.zeros(0, dtype=torch.bool)
+        self._kstore, self._nk = keys[~at_center].clone(), int((~at_center).sum())
+        idx = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+        idx[~at_center] = torch.arange(self._nk, device=keys.device)
+        self._pkeyidx, self._pblocks, self._pclusters = idx, state["point_blocks"].long().clone(), clusters.clone()
+        self._np = keys.shape[0]
         self.conflicts, self.forgotten = (int(v) for v in state["counters"].tolist())
         self._reindex()
