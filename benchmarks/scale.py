@@ -1,7 +1,7 @@
 """Database scale: memory per cluster, one update batch and routing at 10k / 100k / 1M clusters.
 
-For each size the database is filled with 512-wide keys (in batches of 100,000, class labels),
-then timed:
+For each size the database is filled with 512-wide random keys (one point per cluster, class
+labels), then timed:
 
 * ``bytes_per_cluster_<n>``: bytes held by every tensor of the database (buffers with their spare
   capacity, the routing index) / clusters, after one more update (so the growth slack counts);
@@ -29,11 +29,16 @@ DIM = 512
 
 
 def filled(n: int, device: str, gen: torch.Generator) -> VectorDatabase:
+    """``n`` single-point clusters of random keys, loaded as a saved state (filling through
+    ``update`` would search every new key against every stored one: hours at 1M)."""
+    centers = torch.randn(n, DIM, generator=gen).to(device) * 10
     db = VectorDatabase(init_radius=1.0)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
-        keys = torch.randn(m, DIM, generator=gen).to(device) * 10
-        db.update(keys, torch.arange(start, start + m, device=device) % 50, block=start // 100_000)
+    db.load_state_dict({
+        "centers": centers, "radii": torch.ones(n, device=device),
+        "labels": (torch.arange(n, device=device) % 50)[:, None],
+        "point_keys": centers, "point_blocks": torch.zeros(n, dtype=torch.long, device=device),
+        "point_clusters": torch.arange(n, device=device),
+        "counters": torch.zeros(2, dtype=torch.long)})
     return db
 
 

@@ -330,3 +330,16 @@ def test_memory_per_cluster_stays_near_one_key() -> None:
     assert other.nbytes() <= db.nbytes()
     probe = torch.cat([db.centers[:50] + 0.001, torch.randn(50, dim, generator=gen) * 10])
     assert torch.equal(other.route(probe), db.route(probe))
+
+
+def test_nearest_search_in_chunks_gives_the_same_answer(monkeypatch) -> None:
+    import peft_melo.vector_database as vdb
+
+    gen = torch.Generator().manual_seed(4)
+    db = VectorDatabase(init_radius=1.0)
+    db.update(torch.randn(200, 8, generator=gen), torch.arange(200), block=0)
+    keys = torch.randn(50, 8, generator=gen)
+    want = db._nearest(keys)
+    monkeypatch.setattr(vdb, "_NEAREST_CHUNK", 200 * 3)  # 3 keys per chunk
+    got = db._nearest(keys)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

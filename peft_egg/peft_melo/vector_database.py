@@ -25,6 +25,8 @@ CONFLICT_MARGIN = 1e-5
 # Nearest-center candidates re-ranked on exact distances, and the rounding bound (in ulps per
 # sqrt(d)) under which the expanded form cannot order two centers.
 TIE_CANDIDATES = 4
+# Largest key x center distance matrix built at once (elements): 256 MB in float32.
+_NEAREST_CHUNK = 1 << 26
 _ROUNDING_ULPS = 8.0
 
 LabelMatch = Literal["sum", "exact"]
@@ -186,6 +188,10 @@ class VectorDatabase:
         bound of its best one is searched exactly over every center.
         """
         n_clusters = len(self)
+        rows = max(1, _NEAREST_CHUNK // max(n_clusters, 1))
+        if keys.shape[0] > rows:  # keep the [n, C] distance matrix bounded
+            parts = [self._nearest(keys[i: i + rows]) for i in range(0, keys.shape[0], rows)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         approx = self.center_sq[None, :] - 2.0 * (keys @ self.centers.T)  # [n, C]; |k|^2 dropped
         width = min(n_clusters, TIE_CANDIDATES)
         cand_approx, cand = approx.topk(width, dim=1, largest=False)  # [n, w] ascending
