@@ -10,16 +10,22 @@ Per record, in file order (WISE takes the first T records):
 * truth: ``src`` -> ``answers[0]`` (the true answer, for the pre-edit accuracy).
 
 Unlike the T5 task ``qa`` (MELO's selection, a seeded permutation, NQ upstream from its own file),
-the order is the file's and every part comes from the same records.
+the order is the file's and every part comes from the same records. A record whose ``alt`` is
+the empty string has no new target to write (ROME's file holds such records: record 54 of the
+sample, "What is the sex of Phyllis Chan?") and is left out, with a log line; ``max_n_edits``
+counts the records kept.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from btp.data.common import DataError, Record, TaskData, read_json, require_file, take, text_field
 from btp.data.facts import fact
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "zsre_mend_eval.json"
 
@@ -41,12 +47,14 @@ def load_zsre_facts(data_dir: Path, max_n_edits: int | None, n_upstream: int | N
     data = read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of ROME-form zsRE records")
-    data = take(data, max_n_edits, f"zsRE edits ({path})")
     edits: list[Record] = []
     holdout: list[Record] = []
     upstream: list[Record] = []
     truth: list[Record] = []
+    no_target: list[int] = []
     for i, rec in enumerate(data):
+        if max_n_edits is not None and len(edits) >= max_n_edits:
+            break
         where = f"{path}, record {i}"
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -58,12 +66,21 @@ def load_zsre_facts(data_dir: Path, max_n_edits: int | None, n_upstream: int | N
             raise DataError(f"{where}: 'answers' must be a non-empty list of strings, got "
                             f"{rec['answers']!r:.60}")
         src = text_field(rec["src"], where, "'src'")
+        if rec["alt"] == "":
+            no_target.append(i)
+            continue
         alt = text_field(rec["alt"], where, "'alt'")
         edits.append(fact(src, alt))
         holdout.append(fact(text_field(rec["rephrase"], where, "'rephrase'"), alt))
         upstream.append(fact(text_field(rec["loc"], where, "'loc'"),
                              text_field(rec["loc_ans"], where, "'loc_ans'")))
         truth.append(fact(src, text_field(rec["answers"][0], where, "'answers'[0]")))
+    if no_target:
+        log.info("%s: %d record(s) with an empty 'alt' (no new target) left out: %s", path,
+                 len(no_target), no_target[:10])
+    if max_n_edits is not None and len(edits) < max_n_edits:
+        log.info("zsRE edits (%s): only %d records available (asked for %d); using all", path,
+                 len(edits), max_n_edits)
     upstream = take(upstream, n_upstream, f"zsRE locality ({path})")
     return TaskData(edits=edits, upstream=upstream, holdout=holdout, truth=truth)
 
