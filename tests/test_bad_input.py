@@ -4,8 +4,9 @@ exit code 2, no ``summary.json``, and every file the run dir held before is byte
 
 Cases run ``btp/run.py`` in this process the way ``python run.py ...`` does (``runpy`` as
 ``__main__``: Hydra composes and writes ``.hydra/`` before the runner starts), which costs a
-second per case instead of a fresh interpreter. Two cases run a real subprocess to pin down the
-process's exit code; the signal cases are in the second table.
+second per case instead of a fresh interpreter. Two tests run a real subprocess to pin down the
+process's exit codes (2 for a hub model without network, 143 for SIGTERM); the signal and full
+disk tests come after the table.
 
 Prepared run dirs (built once per module): ``finished`` (a complete tiny run) and ``partial``
 (the same without ``summary.json`` and ``adapter/``, i.e. a checkpoint to resume from).
@@ -410,15 +411,6 @@ def test_stale_temporary_files_are_removed_on_the_next_start(prepared: dict[str,
 
 
 # -- the process's own exit code and one line (subprocesses) ----------------------------------------
-def test_exit_code_and_one_line_of_a_real_process(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = run_cli(run_dir, *QA, "eval.batch_size=-1")
-    assert proc.returncode == 2, explain(proc)
-    assert proc.stderr.strip().splitlines() == [
-        "error: eval.batch_size=-1 is out of range: use an integer >= 1 (or null for the default)"]
-    assert not (run_dir / "summary.json").exists()
-
-
 def test_hub_model_without_network(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = cli_env(HF_HOME=str(tmp_path / "empty-hf-home"))  # nothing cached, hub offline
