@@ -209,8 +209,13 @@ def _legend(fig: Figure, axes: list[Any]) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
+        # As many columns as the labels fit across the figure (about 0.075 in per character of a
+        # small font, plus the handle).
+        width = fig.get_figwidth()
+        per_column = 0.075 * (max(len(label) for label in handles) + 6)
+        ncol = max(1, min(len(handles), int(width // per_column)))
         fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-                   ncol=min(4, len(handles)), fontsize="small", frameon=False)
+                   ncol=ncol, fontsize="small", frameon=False)
 
 
 def curves_figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[str, ...],
@@ -269,7 +274,8 @@ def curves_figure(groups: dict[GroupKey, list[Run]], task: str, metrics: tuple[s
         _x_on_points(ax, xs_all, max(abs(o) for o in offsets.values()))
     _legend(fig, axes)
     band_text = "min/max" if band == "minmax" else "±1 std"
-    fig.suptitle(f"{title} (mean over seeds; bands and bars: {band_text})")
+    spread = "bands and bars" if any(m in PER_BATCH_METRICS for m in present) else "bands"
+    fig.suptitle(f"{title} (mean over seeds; {spread}: {band_text})")
     return fig
 
 
