@@ -129,6 +129,14 @@ def _wait(what: str, condition: Callable[[], Any], timeout: float = 300.0) -> An
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _overrides(run_dir: Path) -> str:
+    """The job's ``.hydra/overrides.yaml`` ("" while Hydra or the runner is rewriting it)."""
+    try:
+        return (run_dir / ".hydra" / "overrides.yaml").read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def _slurm_task(sweep_dir: Path, run_dir: Path) -> str | None:
     """The SLURM id (``<array job>_<task>``) of the job that runs ``run_dir``, from its log."""
     for log in sweep_dir.glob(".submitit/*/*_log.out"):
@@ -216,8 +224,8 @@ def test_sweep_on_slurm_runs_skips_survives_a_failure_and_resumes_a_cancelled_jo
     try:
         def good(seed: int) -> Path | None:
             for d in _run_dirs(sweep_b):
-                overrides = (d / ".hydra" / "overrides.yaml").read_text()
-                if "bad_data" not in overrides and f"seed={seed}" in overrides:
+                overrides = _overrides(d)
+                if overrides and "bad_data" not in overrides and f"seed={seed}" in overrides:
                     return d
             return None
 
@@ -234,8 +242,7 @@ def test_sweep_on_slurm_runs_skips_survives_a_failure_and_resumes_a_cancelled_jo
         # The other jobs run on to their summary; the failed ones logged the data error.
         finished = _wait("the other good job's summary", lambda: (
             good(1) is not None and (good(1) / "summary.json").is_file() and good(1)))
-        bad = [d for d in _run_dirs(sweep_b)
-               if "bad_data" in (d / ".hydra" / "overrides.yaml").read_text()]
+        bad = [d for d in _run_dirs(sweep_b) if "bad_data" in _overrides(d)]
         assert len(bad) == 2 and not any((d / "summary.json").exists() for d in bad)
         for d in bad:  # one line naming the file
             assert f"ERROR] - {bad_data / 'zsre_mend_eval.json'}" in (d / "run.log").read_text()
