@@ -73,6 +73,7 @@ class KeyPosition(str, Enum):
 
     padded = "padded"
     last_real = "last_real"
+    last_prompt = "last_prompt"  # causal LM: the last prompt token (an edit and its prompt alone agree)
 
 
 class LabelMatch(str, Enum):

@@ -24,7 +24,7 @@ GOOD = dict(target_modules=list(T5.targets), grace_layer=T5.grace_layer)
         ("lora_dropout", 1.0, r"probability in \[0, 1\)"),
         ("init_radius", 0.0, "positive distance"),
         ("key_id", "last", "integer token position"),
-        ("key_position", "first", "'padded' \\(original\\) or 'last_real'"),
+        ("key_position", "first", "'padded' \\(original\\), 'last_real' or 'last_prompt'"),
         ("label_match", "hash", "'sum' \\(original\\) or 'exact'"),
         ("edit_lr", 0.0, "positive learning rate"),
         ("optimizer", "adamw", "'adam' \\(original\\) or 'sgd'"),

@@ -45,11 +45,14 @@ class MeloConfig(PeftConfig):
     )
     init_radius: float = field(default=75.0, metadata={"help": "Radius of a new cluster in key space."})
     key_id: int = field(default=-1, metadata={"help": "Token position of the key (original: -1)."})
-    key_position: Literal["padded", "last_real"] = field(
+    key_position: Literal["padded", "last_real", "last_prompt"] = field(
         default="padded",
         metadata={
             "help": "'padded': key_id indexes the padded batch (original; often a pad token). "
-            "'last_real': the last non-pad token of each example (a deviation switch)."
+            "'last_real': the last non-pad token of each example (a deviation switch). "
+            "'last_prompt': for a causal LM, the last real token before the labels (-100 in "
+            "'labels' of the input's shape), the last real token without labels, e.g. in "
+            "generate (a deviation switch: an edit and a question asked alone share their key)."
         },
     )
     label_match: Literal["sum", "exact"] = field(
@@ -88,10 +91,10 @@ class MeloConfig(PeftConfig):
             _fail("init_radius", self.init_radius, "use a positive distance (original: 75 qa, 0.1 scotus, 0.5 hallucination)")
         if not isinstance(self.key_id, int) or isinstance(self.key_id, bool):
             _fail("key_id", self.key_id, "use an integer token position (original: -1)")
-        if self.key_position not in ("padded", "last_real"):
-            _fail("key_position", self.key_position, "use 'padded' (original) or 'last_real'")
-        if self.key_position == "last_real" and self.key_id != -1:
-            _fail("key_id", self.key_id, "key_position='last_real' takes the last real token; leave key_id at -1")
+        if self.key_position not in ("padded", "last_real", "last_prompt"):
+            _fail("key_position", self.key_position, "use 'padded' (original), 'last_real' or 'last_prompt'")
+        if self.key_position != "padded" and self.key_id != -1:
+            _fail("key_id", self.key_id, f"key_position='{self.key_position}' takes one token of its own; leave key_id at -1")
         if self.label_match not in ("sum", "exact"):
             _fail("label_match", self.label_match, "use 'sum' (original) or 'exact'")
         if not float(self.edit_lr) > 0.0:

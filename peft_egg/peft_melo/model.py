@@ -157,7 +157,7 @@ class MeloModel(BaseTuner):
 
     # ------------------------------------------------------------------ inference
     def _begin(self, kwargs: dict) -> None:
-        self.routing.begin_forward(kwargs.get("attention_mask"))
+        self.routing.begin_forward(kwargs.get("attention_mask"), kwargs.get("labels"))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Routed forward: each example uses its block, or is exactly the base model."""
@@ -218,7 +218,7 @@ class MeloModel(BaseTuner):
         try:
             with prefix:
                 for iteration in range(cfg.num_iter):
-                    self.routing.begin_forward(batch.get("attention_mask"))
+                    self.routing.begin_forward(batch.get("attention_mask"), batch.get("labels"))
                     loss = self.model(**inputs).loss
                     if iteration == 0:
                         self.database.update(self.routing.last_keys, batch["labels"], block)

@@ -29,6 +29,7 @@ class RoutingState:
         self.forced_block: Optional[int] = None
         self.last_keys: Optional[torch.Tensor] = None
         self.attention_mask: Optional[torch.Tensor] = None
+        self.labels: Optional[torch.Tensor] = None
         self.sticky = False  # during generation: keep the first decision for later steps
         self._decided = False
 
@@ -42,13 +43,16 @@ class RoutingState:
         self.blocks = None
         self.any_routed = False
 
-    def begin_forward(self, attention_mask: Optional[torch.Tensor]) -> None:
+    def begin_forward(self, attention_mask: Optional[torch.Tensor],
+                      labels: Optional[torch.Tensor] = None) -> None:
         """Called by the model before each top-level forward/generate: forget the last decision.
 
         A decision never outlives its forward; a layer that runs before the grace layer made a
-        new one refuses to guess (see :meth:`check_decided`).
+        new one refuses to guess (see :meth:`check_decided`). ``labels`` (of a causal LM, the
+        input's shape) mark the prompt for ``key_position='last_prompt'``.
         """
         self.attention_mask = attention_mask
+        self.labels = labels
         self.blocks = None
         self.any_routed = False
         self._decided = False
@@ -71,13 +75,17 @@ class RoutingState:
 
 
 def select_keys(
-    output: torch.Tensor, key_id: int, key_position: str, attention_mask: Optional[torch.Tensor]
+    output: torch.Tensor, key_id: int, key_position: str, attention_mask: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The key of each example: the layer output [n, s, d] at one token -> [n, d].
 
     ``padded``: token ``key_id`` of the padded batch (original), clamped to the last position
     as the original does (``min(key_id, L - 1)``). ``last_real``: the last token whose attention
-    mask is 1 (needs the mask of the same sequence length).
+    mask is 1 (needs the mask of the same sequence length). ``last_prompt``: the last real token
+    whose label is -100 when ``labels`` [n, s] are given (a row without one: its last real
+    token), else as ``last_real``: a causal LM's edit ``prompt target`` and the prompt asked
+    alone share their key.
     """
     if output.dim() != 3:
         raise ValueError(f"grace layer output must be [batch, seq, dim], got {tuple(output.shape)}")
@@ -86,7 +94,11 @@ def select_keys(
         if position < -output.shape[1]:
             raise ValueError(f"key_id={key_id} is before the first of {output.shape[1]} tokens")
         return output[:, position, :]
-    last = attention_mask.long().cumsum(1).argmax(1)  # index of the last 1 per row
+    mask = attention_mask.bool()
+    if key_position == "last_prompt" and labels is not None and labels.shape == mask.shape:
+        prompt = mask & (labels.to(mask.device) == -100)
+        mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
+    last = mask.long().cumsum(1).argmax(1)  # index of the last 1 per row
     return output[torch.arange(output.shape[0], device=output.device), last.to(output.device)]
 
 
@@ -105,7 +117,8 @@ class KeyHook:
         state = self.state
         if state.sticky and state._decided:
             return  # a later generation step: the prompt's decision stands
-        keys = select_keys(output.detach(), self.key_id, self.key_position, state.attention_mask)
+        keys = select_keys(output.detach(), self.key_id, self.key_position, state.attention_mask,
+                           state.labels)
         if state.forced_block is not None:
             state.last_keys = keys
             blocks = torch.full((keys.shape[0],), state.forced_block, dtype=torch.long, device=keys.device)
