@@ -16,7 +16,7 @@ from torch import nn
 
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.errors import ConfigError
-from peft_melo import MeloConfig, get_melo_model
+from peft_melo import MeloConfig, MeloModel, get_melo_model
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -54,9 +54,20 @@ def melo_config(alg_cfg: Any, model_cfg: Any) -> MeloConfig:
             lr_step_size=int(alg_cfg.lr_step_size),
             lr_gamma=float(alg_cfg.lr_gamma),
             cache_frozen_prefix=bool(alg_cfg.cache_frozen_prefix),
+            base_model_name_or_path=base_model_name(model_cfg),
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(f"melo: {e}") from e
+
+
+def base_model_name(model_cfg: Any) -> str | None:
+    """What the adapter's ``base_model_name_or_path`` records: the real checkpoint (hub id or
+    path), or the stand-in's name for a tiny model (its ``pretrained`` only names what it
+    stands for)."""
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    if get("tiny", None) is not None:
+        return str(get("name", None) or "") or None
+    return str(get("pretrained", None) or get("name", None) or "") or None
 
 
 @register_editor("melo")
@@ -73,6 +84,18 @@ class MeloEditor(Editor):
             # A target or grace layer that matches no module (the original skipped it silently).
             raise ConfigError(f"model '{model_cfg.name}': {e}") from e
         self.device = _device(model)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, alg_cfg: Any, model_cfg: Any,
+                        directory: str | Path) -> "MeloEditor":
+        """The editor of an adapter that :meth:`save_pretrained` wrote (files verified by
+        ``peft_melo``'s loader before ``model`` is touched); ready to route and edit further."""
+        editor = cls.__new__(cls)
+        Editor.__init__(editor, model, alg_cfg, model_cfg, None)
+        editor.melo = MeloModel.from_pretrained(model, directory)
+        editor.config = editor.melo.config_
+        editor.device = _device(model)
+        return editor
 
     def _to(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
