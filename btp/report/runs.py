@@ -31,12 +31,13 @@ REQUIRED_SUMMARY_KEYS: tuple[str, ...] = (
     "clusters", "conflicts", "forgotten", "edit_time_s", "seed",
 )
 #: Extra keys required per task (generality for qa, accuracy retention for hallucination).
-TASK_KEYS: dict[str, tuple[str, ...]] = {"qa": ("holdout",), "hallucination": ("ARR",)}
+TASK_KEYS: dict[str, tuple[str, ...]] = {"qa": ("holdout",), "hallucination": ("ARR",),
+                                         "zsre": ("holdout",), "counterfact": ("holdout",)}
 #: Summary keys that name the run rather than measure it.
 IDENTITY_KEYS: tuple[str, ...] = ("task", "alg", "model")
 #: Metrics drawn against the number of edits (when a run's metrics.jsonl has them).
 CURVE_METRICS: tuple[str, ...] = ("TRR", "ERR", "ES", "holdout", "ERR_alone", "ES_alone",
-                                  "holdout_alone", "ARR", "locality")
+                                  "holdout_alone", "ARR", "truth", "locality")
 #: Metrics measured on the edit batch just made: one value per batch, not a trend.
 PER_BATCH_METRICS: frozenset[str] = frozenset({"ES", "ES_alone"})
 #: Vector-database statistics drawn against the number of edits.

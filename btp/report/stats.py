@@ -14,15 +14,16 @@ from btp.report.runs import DB_STATS, Collection, Run, Skipped, is_number
 #: What the task's quality metrics measure and whether higher is better.
 TASK_METRIC: dict[str, tuple[str, bool]] = {
     "qa": ("F1", True), "scotus": ("accuracy", True), "hallucination": ("perplexity", False),
+    "zsre": ("token accuracy", True), "counterfact": ("token accuracy", True),
 }
 #: Tasks whose quality metric is a rate in [0, 1] (F1, accuracy); perplexity is not.
-RATE_TASKS: frozenset[str] = frozenset({"qa", "scotus"})
+RATE_TASKS: frozenset[str] = frozenset({"qa", "scotus", "zsre", "counterfact"})
 #: Summary keys that are never averaged as metrics.
 NOT_METRICS = frozenset({"task", "alg", "model", "seed", "n_batches"})
 
 #: Table order of tasks and of methods (the paper's: SCOTUS, zsRE, hallucination; baselines first,
 #: MELO last); anything unknown goes after the known ones, alphabetically.
-TASK_ORDER: tuple[str, ...] = ("scotus", "qa", "hallucination")
+TASK_ORDER: tuple[str, ...] = ("scotus", "qa", "hallucination", "zsre", "counterfact")
 ALG_ORDER: tuple[str, ...] = ("ft", "ft_ewc", "plain_lora", "grace", "melo", "lora")
 
 GroupKey = tuple[str, str, str]  # (task, model, method)

@@ -15,7 +15,8 @@ from btp.report.stats import (TASK_METRIC, Cell, GroupKey, best_beyond_spread,
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("TRR", "TRR"), ("ERR", "ERR"), ("ES", "ES"), ("holdout", "holdout"),
     ("ERR_alone", "ERR alone"), ("ES_alone", "ES alone"), ("holdout_alone", "holdout alone"),
-    ("ARR", "ARR"), ("locality", "locality"), ("edit_time_s", "edit time (s)"),
+    ("ARR", "ARR"), ("truth", "truth"), ("locality", "locality"),
+    ("edit_time_s", "edit time (s)"),
 )
 COLUMN_KEYS: tuple[str, ...] = tuple(key for key, _ in TABLE_COLUMNS)
 
