@@ -336,6 +336,7 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
     editor = EDITORS[cfg.alg.name](model, plain(alg_section(cfg)), model_cfg,
                                    lambda: lazy_batches(sets.upstream, collate))
     editor.check_stream(len(stream))
+    editor.attach_tokenizer(tokenizer, Path(cfg.data_dir))
     evaluator = make_evaluator(task, tokenizer, device, cfg.eval.max_length)
 
     state = LoopState()

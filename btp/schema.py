@@ -228,6 +228,59 @@ class PlainLoraCfg:
 
 
 @dataclass
+class WiseCfg:
+    """WISE (``btp/editors/wise.py``): side memory with activation routing, knowledge shards
+    merged with TIES. Defaults: the paper's settings (EasyEdit hparams/WISE/llama-7b.yaml, by the
+    WISE authors); config/alg/wise.yaml gives each source."""
+
+    layer: Optional[str] = None  # null: model.wise_layer, else the family's (Llama: layers.27)
+    mask_ratio: float = 0.2  # fraction of side-memory entries a shard trains
+    edit_lr: float = 1.0  # SGD
+    num_iter: int = 70
+    norm_constraint: Optional[float] = 1.0  # side memory kept within main +- this, entrywise
+    act_margin: List[float] = field(default_factory=lambda: [5.0, 20.0, 10.0])  # alpha,beta,gamma
+    act_ratio: float = 0.88  # routing threshold = act_ratio * smallest edit activation
+    save_freq: int = 500  # edits per knowledge shard
+    merge_freq: int = 1000  # shards merged (TIES) every this many edits
+    densities: float = 0.53  # TIES: fraction of each shard's change kept
+    weights: float = 1.0  # TIES: total weight of the shards merged
+    weight_decay: float = 1.0e-5  # on the shard's trained entries
+    retrieve: bool = False  # WISE-Retrieve: keep each merged group as its own memory
+    context_templates: bool = True  # train under the authors' 10 generated prefixes too
+    irrelevant_corpus: str = "openwebtext"  # irrelevant inputs (relative: under data_dir)
+    batch_size: Optional[int] = 1  # facts per edit; null = num_edit_per_block
+
+
+@dataclass
+class MemitCfg:
+    """MEMIT (``btp/editors/memit.py``). Defaults: MEMIT's GPT-J settings (its authors'
+    hparams/MEMIT/EleutherAI_gpt-j-6B.json); config/alg/memit.yaml gives each source."""
+
+    layers: Optional[List[str]] = None  # null: model.memit_layers, else the family's (Llama: 4-8)
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5  # Adam, the search for each fact's target hidden state
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 15000.0  # lambda: weight of the preserved keys' statistics
+    stats_corpus: str = "openwebtext"  # text for the key statistics (relative: under data_dir)
+    stats_n_samples: int = 100000  # documents (MEMIT: 100,000 Wikipedia articles)
+    stats_max_length: Optional[int] = None  # tokens per document; null = the model's context
+    stats_dir: Optional[str] = None  # statistics cache; null = $MESGD_CACHE/layer_stats
+    context_templates: bool = True  # keys and targets under MEMIT's 5 generated prefixes too
+    batch_size: Optional[int] = None  # facts per MEMIT call; null = num_edit_per_block
+
+
+@dataclass
+class AlphaEditCfg(MemitCfg):
+    """AlphaEdit (``btp/editors/alphaedit.py``): MEMIT's steps and keys, the update projected on
+    the preserved keys' null space. Defaults: its authors' hparams/AlphaEdit/EleutherAI_gpt-j-6B.json
+    (MEMIT's values plus the two below)."""
+
+    nullspace_threshold: float = 2.0e-2  # eigenvalues of E[k k^T] below this span the null space
+    L2: float = 10.0  # ridge term of the update
+
+
+@dataclass
 class ModelCfg:
     """Selected by ``+model=...``; read by ``btp.models.load_model_and_tokenizer``."""
 
@@ -245,6 +298,8 @@ class ModelCfg:
     gguf_package: Optional[str] = None  # an installed package that ships a GGUF checkpoint
     gguf_file: Optional[str] = None  # the GGUF file inside that package
     cache_dir: Optional[str] = None  # the plain copy of a GGUF checkpoint; null = ~/.cache/mesgd
+    wise_layer: Optional[str] = None  # WISE's side-memory layer; null = the family's
+    memit_layers: Optional[List[str]] = None  # MEMIT/AlphaEdit's layers; null = the family's
 
 
 @dataclass
@@ -282,6 +337,9 @@ class Config:
     ft: FtCfg = field(default_factory=FtCfg)
     ewc: EwcCfg = field(default_factory=EwcCfg)
     plain_lora: PlainLoraCfg = field(default_factory=PlainLoraCfg)
+    wise: WiseCfg = field(default_factory=WiseCfg)
+    memit: MemitCfg = field(default_factory=MemitCfg)
+    alphaedit: AlphaEditCfg = field(default_factory=AlphaEditCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
@@ -395,6 +453,19 @@ VALUE_RULES: dict[str, dict[str, tuple[Any, str]]] = {
     "ewc": {"lambda_": _NONNEG_REAL, "fisher_n_batches": _POS_INT},
     "plain_lora": {"r": _OPT_POS_INT, "alpha": _OPT_POS_REAL, "num_iter": _POS_INT,
                    "edit_lr": _POS_REAL, "batch_size": _OPT_POS_INT},
+    "wise": {"mask_ratio": (lambda v: _is_real(v) and 0 < v <= 1, "use a fraction in (0, 1]"),
+             "edit_lr": _POS_REAL, "num_iter": _POS_INT, "norm_constraint": _OPT_POS_REAL,
+             "act_margin": (lambda v: len(v) == 3 and all(_is_real(x) and x >= 0 for x in v),
+                            "use three finite numbers >= 0: [alpha, beta, gamma]"),
+             "act_ratio": (lambda v: _is_real(v) and 0 < v <= 1, "use a fraction in (0, 1]"),
+             "save_freq": _POS_INT, "merge_freq": _POS_INT,
+             "densities": (lambda v: _is_real(v) and 0 < v <= 1, "use a fraction in (0, 1]"),
+             "weights": _POS_REAL, "weight_decay": _NONNEG_REAL, "batch_size": _OPT_POS_INT},
+    **{section: {"v_num_grad_steps": _POS_INT, "v_lr": _POS_REAL, "v_weight_decay": _NONNEG_REAL,
+                 "clamp_norm_factor": _POS_REAL, "mom2_update_weight": _NONNEG_REAL,
+                 "stats_n_samples": _POS_INT, "stats_max_length": _OPT_POS_INT,
+                 "batch_size": _OPT_POS_INT}
+       for section in ("memit", "alphaedit")},
     "model": {"num_labels": (_optional(lambda v: _is_int(v) and v >= 2),
                              "use an integer >= 2 (or null: the checkpoint's own)"),
               "dtype": (lambda v: str(v).lower() in ("fp32", "float32", "bf16", "bfloat16",

@@ -1,6 +1,7 @@
 """The editing algorithms. Importing this package registers every editor in ``EDITORS``.
 
-``alg.name`` selects one: ``melo`` (MELO), ``grace``, ``ft``, ``ft_ewc``, ``plain_lora``.
+``alg.name`` selects one: ``melo`` (MELO), ``grace``, ``ft``, ``ft_ewc``, ``plain_lora``,
+``wise``, ``memit``, ``alphaedit``.
 A baseline module that is not present yet is skipped (its name then fails validation with the
 list of registered names); any other import error is raised, so a broken editor is never hidden.
 """
@@ -11,7 +12,7 @@ import importlib
 
 from btp.editors.base import EDITORS, EditOutcome, Editor, register_editor
 
-_MODULES = ("melo", "grace", "ft", "ewc", "plain_lora")
+_MODULES = ("melo", "grace", "ft", "ewc", "plain_lora", "wise", "memit", "alphaedit")
 
 for _name in _MODULES:
     try:

@@ -90,6 +90,11 @@ class Editor(abc.ABC):
     def check_stream(self, n_batches: int) -> None:
         """Refuse before the first edit when the stream cannot be edited (e.g. too few blocks)."""
 
+    def attach_tokenizer(self, tokenizer: Any, data_dir: Path) -> None:
+        """Called once by the runner before the stream, on the unedited model: editors that read
+        text beyond the edit stream (MEMIT's layer statistics, context templates) get the
+        tokenizer and the data folder here. Nothing by default."""
+
 
 EDITORS: dict[str, type[Editor]] = {}
 
