@@ -46,8 +46,9 @@ PALETTE: tuple[str, ...] = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00
 MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)),
                                (0, (1, 1)), (0, (8, 2)))
-#: Slots of the five methods, the same in every report.
-FIXED_SLOTS: dict[str, int] = {"melo": 0, "grace": 1, "ft": 2, "ft_ewc": 3, "plain_lora": 4}
+#: Slots of the eight methods, the same in every report.
+FIXED_SLOTS: dict[str, int] = {"melo": 0, "grace": 1, "ft": 2, "ft_ewc": 3, "plain_lora": 4,
+                               "wise": 5, "memit": 6, "alphaedit": 7}
 DPI = 200
 BAND_ALPHA = 0.12
 

@@ -24,7 +24,8 @@ NOT_METRICS = frozenset({"task", "alg", "model", "seed", "n_batches"})
 #: Table order of tasks and of methods (the paper's: SCOTUS, zsRE, hallucination; baselines first,
 #: MELO last); anything unknown goes after the known ones, alphabetically.
 TASK_ORDER: tuple[str, ...] = ("scotus", "qa", "hallucination", "zsre", "counterfact")
-ALG_ORDER: tuple[str, ...] = ("ft", "ft_ewc", "plain_lora", "grace", "melo", "lora")
+ALG_ORDER: tuple[str, ...] = ("ft", "ft_ewc", "plain_lora", "grace", "memit", "alphaedit", "wise",
+                               "melo", "lora")
 
 GroupKey = tuple[str, str, str]  # (task, model, method)
 Kind = Literal["rate", "count", "nonnegative", "real"]

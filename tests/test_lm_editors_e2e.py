@@ -1,0 +1,121 @@
+"""WISE, MEMIT and AlphaEdit through the runner on the tiny Llama stand-in with the shipped zsRE
+and CounterFact samples: a ``summary.json`` with the fact tasks' keys, an ``adapter/`` written by
+the editor, a run killed with SIGKILL that resumes to the same summary and metrics, and the runs
+in ``python -m btp.report``'s tables.
+
+Iteration counts are cut to keep the tests short (the methods' own values are in
+config/alg/*.yaml); the tiny model is random, so the values are not checked, only the plumbing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from btp import checkpoint
+from tests.test_baselines_tiny import one_thread  # noqa: F401 - fixture
+from tests.test_runner_helpers import cli_env, explain, read_metrics, read_summary, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+ALGS = ("wise", "memit", "alphaedit")
+TASKS = ("zsre", "counterfact")
+FACT_KEYS = {"task", "alg", "model", "seed", "n_edits", "ES", "ERR", "TRR", "locality",
+             "holdout", "truth", "ES_alone", "ERR_alone", "holdout_alone", "clusters",
+             "conflicts", "forgotten", "edit_time_s", "n_batches", "pre_edit"}
+
+
+def _small(alg: str, stats_dir: Path) -> list[str]:
+    return ["max_n_edits=3", "data.n_upstream=6", "eval.alone_records=3", "threads=1",
+            "wise.num_iter=3", "wise.context_templates=false", "memit.v_num_grad_steps=3",
+            "alphaedit.v_num_grad_steps=3",
+            f"memit.stats_dir={stats_dir}", f"alphaedit.stats_dir={stats_dir}"]
+
+
+def _compose(alg: str, task: str, extra: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"+alg={alg}", f"+experiment={task}", "+model=tiny-llama", *extra]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("alg", ALGS)
+def test_runs_through_the_loop(alg: str, task: str, tmp_path: Path) -> None:
+    from btp.runner import run
+
+    summary = run(_compose(alg, task, _small(alg, tmp_path / "stats")), run_dir=tmp_path / "run",
+                  progress=False)
+    assert set(summary) == FACT_KEYS
+    on_disk = read_summary(tmp_path / "run")
+    assert on_disk["alg"] == alg and on_disk["task"] == task and on_disk["n_edits"] == 3
+    for key in ("ES", "ERR", "TRR", "locality", "holdout", "truth"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    # one fact per edit: zsre/counterfact set num_edit_per_block 1, WISE's batch_size is 1
+    assert summary["n_batches"] == 3
+    adapter = tmp_path / "run" / "adapter"
+    assert any(p.suffix == ".safetensors" for p in adapter.iterdir())
+    if alg != "wise":  # the key statistics were computed once and cached
+        assert list((tmp_path / "stats").rglob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted CounterFact runs (CLI, as the killed ones), one per method."""
+    out = {}
+    for alg in ALGS:
+        d = tmp_path_factory.mktemp(f"ref_{alg}")
+        proc = run_cli(d / "run", f"+alg={alg}", "+experiment=counterfact", "+model=tiny-llama",
+                       *_small(alg, d / "stats"))
+        assert proc.returncode == 0, explain(proc)
+        out[alg] = d
+    return out
+
+
+def _drop_times(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_times(v) for k, v in obj.items() if k != "edit_time_s"}
+    if isinstance(obj, list):
+        return [_drop_times(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_sigkill_and_resume_to_the_same_summary(alg: str, references: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    args = (f"+alg={alg}", "+experiment=counterfact", "+model=tiny-llama",
+            # the same statistics cache as the reference: the same config
+            *_small(alg, references[alg] / "stats"))
+    killed = run_cli(tmp_path, *args, env=cli_env(BTP_TEST_KILL_AT="2:after_edit"))
+    assert killed.returncode == -9, explain(killed)
+    assert not (tmp_path / "summary.json").exists()
+    saved = checkpoint.load(tmp_path / "checkpoint")
+    assert saved is not None and saved[1]["batches_done"] == 1
+    resumed = run_cli(tmp_path, *args)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resuming from" in (tmp_path / "run.log").read_text()
+    ref = references[alg] / "run"
+    assert _drop_times(read_summary(tmp_path)) == _drop_times(read_summary(ref))
+    assert _drop_times(read_metrics(tmp_path)) == _drop_times(read_metrics(ref))
+
+
+def test_report_lists_the_three_methods(references: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "btp.report", "--out", str(tmp_path / "out"),
+                           "--no-plots", *(str(references[a] / "run") for a in ALGS)],
+                          capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "## Task `counterfact`, model `tiny-llama`" in table
+    rows = [line.split("|")[1].strip() for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["memit", "alphaedit", "wise"]  # the report's method order
+    csv = (tmp_path / "out" / "comparison.csv").read_text()
+    assert all(alg in csv for alg in ALGS)
+    assert json.loads((references["wise"] / "run" / "adapter" / "wise_config.json").read_text())[
+        "layer"] == "model.layers.27.mlp.down_proj"
