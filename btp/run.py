@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # ``python run.py`` from btp/ (the seed's command form): make the repo root importable.
+    # ``python run.py`` run from btp/ (README's command form): make the repo root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hydra  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_PY = REPO_ROOT / "btp" / "run.py"
 
-#: Keys every summary.json has (issue 4), plus the task-specific ones.
+#: Keys every summary.json has plus the task-specific ones.
 SUMMARY_KEYS = {"task", "alg", "model", "n_edits", "ES", "ERR", "TRR", "locality", "clusters",
                 "conflicts", "forgotten", "edit_time_s"}
 TASK_KEYS = {"qa": {"holdout"}, "scotus": set(), "hallucination": {"ARR"}}
