@@ -97,7 +97,8 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg)
 
     if OmegaConf.is_missing(cfg, "task"):
-        raise ConfigError("no experiment selected; add +experiment=qa, scotus or hallucination")
+        raise ConfigError("no experiment selected; add +experiment=qa, scotus, hallucination, zsre "
+                          "or counterfact")
     if OmegaConf.is_missing(cfg.alg, "name"):
         raise ConfigError("no algorithm selected; add +alg=lora (MELO), grace, ft, ft_ewc or "
                           "plain_lora")
