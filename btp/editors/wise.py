@@ -137,6 +137,7 @@ class WiseSideMemory:
         self.shard: torch.Tensor | None = None  # trainable in edit mode
         # Inference memories: [(weight in the layer's layout, threshold)].
         self.memories: list[tuple[torch.Tensor, float]] = []
+        self._main: torch.Tensor | None = None
         self._handle = layer.register_forward_hook(self._hook)
 
     def remove(self) -> None:
@@ -144,7 +145,11 @@ class WiseSideMemory:
 
     def delta_out(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``A(x) (W - W_main)``: the change a memory makes to the layer's output."""
-        diff = weight.to(x.dtype) - self.layer.weight.to(x.dtype)
+        if self._main is None:  # the main memory never changes: one fp32 copy
+            self._main = self.layer.weight.detach().float()
+        # The difference in fp32, then the input's dtype: a bf16 subtraction would round small
+        # changes of the side memory away.
+        diff = (weight.float() - self._main.to(weight.device)).to(x.dtype)
         return linear_with(self.layer, x, diff, with_bias=False)
 
     def activation(self, delta: torch.Tensor) -> torch.Tensor:
