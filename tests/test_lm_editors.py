@@ -293,3 +293,42 @@ def test_bf16_base_model(cls, tmp_path: Path) -> None:
         assert ed.mom2["model.layers.3.mlp.down_proj"].dtype == torch.float32
     out = ed.forward(**{k: v for k, v in _batch(tok, FACTS).items() if k != "labels"})
     assert torch.isfinite(out.logits.float()).all()
+
+
+class _NoCache:
+    """Stands in for FrozenPrefixCache: every block runs at every step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self) -> "_NoCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def step_done(self) -> None:
+        pass
+
+
+def test_frozen_prefix_cache_changes_nothing(tmp_path: Path, monkeypatch) -> None:
+    """WISE's shard and MEMIT's target are bit-identical with the blocks below them run once
+    per edit and run at every step."""
+    import btp.editors.memit as memit_mod
+    import btp.editors.wise as wise_mod
+
+    results = []
+    for cache in (True, False):
+        if not cache:
+            monkeypatch.setattr(wise_mod, "FrozenPrefixCache", _NoCache)
+            monkeypatch.setattr(memit_mod, "FrozenPrefixCache", _NoCache)
+        model, tok = _model()
+        wise = WiseEditor(model, {"num_iter": 4, "context_templates": False}, MODEL_CFG)
+        wise.attach_tokenizer(tok, DATA)
+        wise.edit(_batch(tok, FACTS[:1]))
+        wise.side.remove()
+        memit = MemitEditor(model, {**_memit_cfg(tmp_path), "v_num_grad_steps": 4}, MODEL_CFG)
+        memit.attach_tokenizer(tok, DATA)
+        results.append((wise.shard, memit.target(FACTS[0])[0]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

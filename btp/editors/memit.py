@@ -62,6 +62,7 @@ from btp.editors.lm_edit import (Capture, add_at_positions, add_out_in, block_of
                                  strings_to_tensor, templated_batch, tensor_to_strings,
                                  weight_fingerprint)
 from btp.errors import ConfigError
+from peft_melo.prefix_cache import FrozenPrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,9 @@ class MemitEditor(Editor):
         opt = torch.optim.Adam([delta], lr=self.v_lr)
         max_norm = self.clamp_norm_factor * h.norm()
         losses: list[float] = []
-        with torch.enable_grad(), add_at_positions(block, rows, pos, delta):
+        # Blocks below L see the same input at every step: they run once.
+        with torch.enable_grad(), add_at_positions(block, rows, pos, delta), \
+                FrozenPrefixCache(self.base_model, [self.z_block]) as prefix:
             for it in range(self.v_num_grad_steps):
                 opt.zero_grad(set_to_none=True)
                 logits = self.base_model(input_ids=batch["input_ids"],
@@ -345,6 +348,7 @@ class MemitEditor(Editor):
                     break
                 loss.backward()
                 opt.step()
+                prefix.step_done()
                 with torch.no_grad():
                     if delta.norm() > max_norm:
                         delta.mul_(max_norm / delta.norm())

@@ -67,6 +67,7 @@ from btp.editors.lm_edit import (context_templates, decode_facts, default_wise_l
                                  linear_module, linear_with, passages, read_corpus,
                                  strings_to_tensor, templated_batch, tensor_to_strings)
 from btp.errors import ConfigError
+from peft_melo.prefix_cache import FrozenPrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,9 @@ class WiseEditor(Editor):
         opt = torch.optim.SGD([shard], lr=self.edit_lr)
         losses: list[float] = []
         act_edit = 0.0
-        with torch.enable_grad(), self._mode("edit", data["attention_mask"]) as r:
+        # The blocks below the side memory's see the same input at every step: they run once.
+        with torch.enable_grad(), self._mode("edit", data["attention_mask"]) as r, \
+                FrozenPrefixCache(self.base_model, [self.layer_name]) as prefix:
             for it in range(self.num_iter):
                 opt.zero_grad(set_to_none=True)
                 logits = self.base_model(input_ids=data["input_ids"],
@@ -399,6 +402,7 @@ class WiseEditor(Editor):
                     shard.grad.add_(self.weight_decay * shard.detach())
                     shard.grad.mul_(mask)
                 opt.step()
+                prefix.step_done()
                 if self.norm_constraint is not None:
                     with torch.no_grad():
                         nc = float(self.norm_constraint)
