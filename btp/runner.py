@@ -100,8 +100,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("no experiment selected; add +experiment=qa, scotus, hallucination, zsre "
                           "or counterfact")
     if OmegaConf.is_missing(cfg.alg, "name"):
-        raise ConfigError("no algorithm selected; add +alg=lora (MELO), grace, ft, ft_ewc or "
-                          "plain_lora")
+        raise ConfigError("no algorithm selected; add +alg=lora (MELO), grace, ft, ft_ewc, "
+                          "plain_lora, wise, memit or alphaedit")
     if OmegaConf.is_missing(cfg.model, "name"):
         raise ConfigError("no model selected; add +model=t5small (or tiny-t5small offline), ...")
     for key in ("kind", "target_modules", "grace_layer"):

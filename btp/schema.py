@@ -12,7 +12,8 @@ Defaults of the algorithm sections are the original MELO values for the qa exper
 
 Which algorithm reads which section (see :func:`alg_section`):
 ``melo`` -> ``melo``; ``grace`` -> ``grace``; ``ft`` -> ``ft``; ``ft_ewc`` -> ``ft`` merged with
-``ewc``; ``plain_lora`` -> ``melo`` merged with ``plain_lora``. The edit stream is cut into batches of the
+``ewc``; ``plain_lora`` -> ``melo`` merged with ``plain_lora``; ``wise``, ``memit`` and
+``alphaedit`` -> their own sections. The edit stream is cut into batches of the
 section's ``batch_size`` (GRACE, FT and FT+EWC: 1, as the GRACE repository edits); a null or
 absent one (MELO) means ``num_edit_per_block``.
 """
