@@ -119,3 +119,32 @@ def test_report_lists_the_three_methods(references: dict[str, Path], tmp_path: P
     assert all(alg in csv for alg in ALGS)
     assert json.loads((references["wise"] / "run" / "adapter" / "wise_config.json").read_text())[
         "layer"] == "model.layers.27.mlp.down_proj"
+
+
+@pytest.mark.parametrize("alg,task,model,extra,message", [
+    ("memit", "qa", "tiny-t5small", [], "edits decoder-only LMs"),
+    ("wise", "qa", "tiny-t5small", [], "edits decoder-only LMs"),
+    ("memit", "counterfact", "tiny-llama", ["memit.stats_corpus=/nonexistent/corpus"],
+     "memit.stats_corpus"),
+    ("wise", "counterfact", "tiny-llama", ["wise.irrelevant_corpus=no_such_folder"],
+     "wise.irrelevant_corpus"),
+    ("wise", "counterfact", "tiny-llama", ["wise.act_margin=[5,20]"], "wise.act_margin"),
+    ("wise", "counterfact", "tiny-llama", ["wise.merge_freq=750"], "multiple of"),
+    ("alphaedit", "counterfact", "tiny-llama", ["alphaedit.layers=[model.layers.99.mlp.down_proj]"],
+     "model.layers.99"),
+])
+def test_bad_input_is_one_clear_error(alg: str, task: str, model: str, extra: list[str],
+                                      message: str, tmp_path: Path) -> None:
+    """Bad input fails before the run dir is claimed: one error naming what to fix."""
+    from hydra import compose, initialize_config_dir
+
+    from btp.errors import UserError
+    from btp.runner import run
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+alg={alg}", f"+experiment={task}", f"+model={model}",
+                                           "max_n_edits=2", "data.n_upstream=4", *extra])
+    with pytest.raises(UserError, match=message.replace("[", r"\[")):
+        run(cfg, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run" / "run_config.json").exists()
