@@ -633,3 +633,20 @@ def test_real_runs_table_matches_summaries(real_sweep: Path, tmp_path: Path) -> 
         data = (out / f"{stem}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
         assert (out / f"{stem}.pdf").is_file()
+
+
+def test_max_n_edits_sweep_is_one_row_per_stream_length(tmp_path: Path) -> None:
+    """WISE's T = 1, 10, 100 table: a `max_n_edits=1,10,100` sweep gives one row per method and T,
+    each with its own number of edits."""
+    for alg in ("melo", "grace"):
+        for t in (1, 10, 100):
+            make_run(tmp_path / f"{alg}{t}", alg=alg, seed=0, n_edits=t, period=1,
+                     overrides=[f"max_n_edits={t}"])
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path), "--out", str(out), "--no-plots"]) == 0
+    rows = read_csv(out / "comparison.csv")
+    methods = {key[1] for key in rows}
+    assert methods == {f"{alg} (max_n_edits={t})" for alg in ("melo", "grace") for t in (1, 10, 100)}
+    # each row is its own run's final value: ES = 0.5 + 0.01 * T in make_run
+    for t in (1, 10, 100):
+        assert float(rows[("qa", f"grace (max_n_edits={t})", "ES")]["mean"]) == pytest.approx(0.5 + 0.01 * t)
