@@ -27,7 +27,7 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -154,6 +154,24 @@ def set_rng_state(js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate 1-D tensors into ``(flat, offsets)`` for storage in a checkpoint (offsets has
+    n+1 entries); the locality references are such a list."""
+    lengths = [int(t.numel()) for t in tensors]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    if lengths:
+        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
+    flat = torch.cat([t.reshape(-1).long().cpu() for t in tensors]) if tensors else torch.zeros(
+        0, dtype=torch.long)
+    return flat, offsets
+
+
+def unpack(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of :func:`pack`."""
+    bounds = offsets.tolist()
+    return [flat[bounds[i]: bounds[i + 1]].clone() for i in range(len(bounds) - 1)]
 
 
 def save(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Per-task evaluators: the only place where the three tasks differ in the editing loop.
+"""Per-task evaluators: how a task's batches are scored (a task's spec in :mod:`btp.tasks` names
+its evaluator class here).
 
 Each evaluator scores one tokenized batch with the (edited) ``Editor`` and returns the batch's
 mean metrics plus one prediction per example (a 1-D integer tensor) for locality:
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -134,19 +135,12 @@ class TokenAccuracyEvaluator(TaskEvaluator):
         return metrics.token_agreement(preds, refs)
 
 
-EVALUATORS: dict[str, type[TaskEvaluator]] = {
-    "qa": QAEvaluator,
-    "scotus": ClassificationEvaluator,
-    "hallucination": PerplexityEvaluator,
-    "zsre": TokenAccuracyEvaluator,
-    "counterfact": TokenAccuracyEvaluator,
-}
-
-
 def make_evaluator(task: str, tokenizer: Any, device: torch.device,
                    gen_max_length: int) -> TaskEvaluator:
-    """The evaluator of ``task``."""
-    return EVALUATORS[task](tokenizer, device, gen_max_length)
+    """The evaluator of ``task`` (its spec's ``evaluator``, :mod:`btp.tasks`)."""
+    from btp.tasks import get_task
+
+    return get_task(task).evaluator_class()(tokenizer, device, gen_max_length)
 
 
 @torch.no_grad()
@@ -165,14 +159,3 @@ def evaluate_batches(evaluator: TaskEvaluator, editor: Editor,
     means = {n: metrics.nanmean([b[n] for b in per_batch]) for n in names}
     return SetResult(means=means, per_batch=per_batch, preds=preds)
 
-
-def batched(records: list[dict], size: int) -> list[list[dict]]:
-    """Split records into consecutive chunks of ``size`` (the last may be shorter)."""
-    return [records[i: i + size] for i in range(0, len(records), size)]
-
-
-def lazy_batches(chunks: list[list[dict]], collate: Callable[[list[dict]], dict]
-                 ) -> Iterable[dict[str, torch.Tensor]]:
-    """Tokenize chunks one at a time (keeps memory flat for long streams)."""
-    for chunk in chunks:
-        yield collate(chunk)

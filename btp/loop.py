@@ -4,17 +4,18 @@ The edit stream arrives as consecutive chunks of the algorithm's edit batch size
 (``btp.runner.edit_batch_size``: its section's ``batch_size``, else ``num_edit_per_block``);
 each chunk is one edit (one ``Editor.edit`` call). Before the first edit the unedited model is evaluated once
 (``n_edits = 0``): its upstream predictions become the locality references, and the record keeps
-the pre-edit values (``TRR``, ``holdout``/``ARR`` and ``stream_unedited``, the metric on the whole
+the pre-edit values (``TRR``, the extra sets' and ``stream_unedited``, the metric on the whole
 edit stream before editing). After every ``metric_period`` edits and after the last chunk the
 loop evaluates:
 
 * ``ES``: the chunk just edited; ``ERR``: every chunk edited so far (mean of chunk means);
 * ``TRR``: upstream; ``locality``: how much of the unedited model's upstream predictions is kept
   (the evaluator's rule: examples predicted exactly as before, or tokens for the fact tasks);
-* ``holdout`` (qa, zsre, counterfact), ``ARR`` (hallucination) and ``truth`` (zsre,
-  counterfact: the edit prompts with their true answers);
-* ``ES_alone``, ``ERR_alone`` and ``holdout_alone``: the same records each asked in a batch of
-  its own (``btp.asked_alone``; off with ``eval.alone_records=0``);
+* the task's extra sets, named by its spec (:mod:`btp.tasks`): ``holdout`` (qa, zsre,
+  counterfact), ``ARR`` (hallucination) and ``truth`` (zsre, counterfact: the edit prompts with
+  their true answers);
+* ``ES_alone``, ``ERR_alone`` and ``<set>_alone`` (``holdout_alone``): the same records each
+  asked in a batch of its own (``btp.asked_alone``; off with ``eval.alone_records=0``);
 * the editor's database ``clusters``/``conflicts``/``forgotten``; cumulative ``edit_time_s``.
 
 For qa the headline values are token F1 and the ``*_em`` keys hold exact match. Each record goes
@@ -34,7 +35,8 @@ from tqdm import tqdm
 from btp.asked_alone import AskedAlone
 from btp.checkpoint import kill_hook
 from btp.editors.base import Editor
-from btp.evaluation import TaskEvaluator, evaluate_batches, lazy_batches
+from btp.data.collate import lazy_batches
+from btp.evaluation import TaskEvaluator, evaluate_batches
 from btp.outputs import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,19 @@ class LoopState:
 
 @dataclass
 class EvalSets:
-    """The evaluation sets as record chunks (``None`` where the task has no such set)."""
+    """The evaluation sets as record chunks.
+
+    Attributes:
+        upstream: scored as ``TRR``; its predictions give ``locality``.
+        extra: the task's other sets by metric name (``holdout``, ``ARR``, ``truth``; the
+            task's ``eval_sets`` in :mod:`btp.tasks`), scored in this order.
+        alone: the name of the extra set whose records :class:`AskedAlone` also scores one at
+            a time (``<name>_alone``); ``None``: none.
+    """
 
     upstream: list[list[dict]]
-    holdout: list[list[dict]] | None = None
-    accurate: list[list[dict]] | None = None
-    truth: list[list[dict]] | None = None
+    extra: dict[str, list[list[dict]]] = field(default_factory=dict)
+    alone: str | None = None
 
 
 class EditingLoop:
@@ -80,7 +89,7 @@ class EditingLoop:
         evaluator: the task's evaluator.
         collate: records -> tensors.
         stream: the edit chunks, in order.
-        sets: upstream/holdout/accurate chunks.
+        sets: upstream and the task's extra sets, as chunks.
         metric_period: evaluate when the edit count crosses a multiple of this.
         metrics_log: where records go.
         checkpoint: called with the state after the pre-edit evaluation and after every chunk.
@@ -126,21 +135,12 @@ class EditingLoop:
         up = evaluate_batches(self.evaluator, self.editor,
                               lazy_batches(self.sets.upstream, self.collate), keep_preds=True)
         record.update(self._named("TRR", up.means))
-        if self.sets.holdout is not None:
-            res = evaluate_batches(self.evaluator, self.editor,
-                                   lazy_batches(self.sets.holdout, self.collate))
-            record.update(self._named("holdout", res.means))
-            if self.alone is not None:
+        for name, chunks in self.sets.extra.items():
+            res = evaluate_batches(self.evaluator, self.editor, lazy_batches(chunks, self.collate))
+            record.update(self._named(name, res.means))
+            if self.alone is not None and name == self.sets.alone:
                 alone = self.alone.holdout_scores(self.evaluator, self.editor, self.collate)
-                record.update(self._named("holdout_alone", alone or {}))
-        if self.sets.accurate is not None:
-            res = evaluate_batches(self.evaluator, self.editor,
-                                   lazy_batches(self.sets.accurate, self.collate))
-            record.update(self._named("ARR", res.means))
-        if self.sets.truth is not None:
-            res = evaluate_batches(self.evaluator, self.editor,
-                                   lazy_batches(self.sets.truth, self.collate))
-            record.update(self._named("truth", res.means))
+                record.update(self._named(f"{name}_alone", alone or {}))
         return up.preds
 
     # -- the two evaluations ------------------------------------------------------------------

@@ -114,19 +114,3 @@ def token_agreement(preds: Sequence[torch.Tensor], refs: Sequence[torch.Tensor])
             values.append(float((p == r).float().mean()))
     return sum(values) / len(values)
 
-
-def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate 1-D tensors into ``(flat, offsets)`` for storage (offsets has n+1 entries)."""
-    lengths = [int(t.numel()) for t in tensors]
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
-    if lengths:
-        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
-    flat = torch.cat([t.reshape(-1).long().cpu() for t in tensors]) if tensors else torch.zeros(
-        0, dtype=torch.long)
-    return flat, offsets
-
-
-def unpack(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
-    """Inverse of :func:`pack`."""
-    bounds = offsets.tolist()
-    return [flat[bounds[i]: bounds[i + 1]].clone() for i in range(len(bounds) - 1)]

@@ -4,9 +4,18 @@ Order of work (cheap checks first, so that bad input fails before a model is loa
 validate the config (types at compose time, ranges in ``btp.schema.check_values``) -> lock the run
 dir and remove temporary files of killed writers (``btp.rundir``) -> refuse a run dir holding a run
 of another result-changing config; return a finished run's summary as is -> read and verify any
-checkpoint -> seed -> load and check data -> load model and tokenizer -> build the editor and let
-it check the stream -> restore the checkpoint -> record the config (``run_config.json``) -> evaluate
-the unedited model (fresh run) -> the editing loop -> ``adapter/`` and ``summary.json``.
+checkpoint -> then four steps, each given what it needs:
+
+* :func:`build`: seed, load and check data, load model and tokenizer, build the editor (which
+  checks the stream) and the task's evaluator (:class:`RunParts`);
+* :func:`restore`: the checkpoint's editor, loop and RNG states (a fresh state otherwise);
+  then the run dir is claimed (``run_config.json``);
+* :func:`edit`: evaluate the unedited model (fresh run), then the editing loop, checkpointing
+  after every edit batch (:func:`checkpoint_writer`);
+* :func:`finish`: ``adapter/`` and ``summary.json``.
+
+What a task contributes (model kinds, loader, evaluator, extra evaluation sets) is read from its
+spec in :mod:`btp.tasks`.
 
 Errors the user can fix are ``btp.errors.UserError``; ``run.py`` turns them into one line on stderr
 and exit code 2, and no ``summary.json`` exists after a failed run. A full disk is a
@@ -26,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,13 +45,15 @@ from btp import checkpoint as ckpt
 from btp import sweep
 from btp.errors import (ConfigError, DiskFullError, RunDirError, RunInterrupted, UserError,
                         is_disk_full)
-from btp.evaluation import batched, lazy_batches, make_evaluator
 from btp.asked_alone import AskedAlone
+from btp.data.common import TaskData
+from btp.editors.base import Editor
+from btp.evaluation import TaskEvaluator
 from btp.loop import EditingLoop, EvalSets, LoopState
-from btp.metrics import pack, unpack
 from btp.outputs import SUMMARY_FILE, MetricsLog, summary_line, write_summary
 from btp.rundir import RunDir
-from btp.schema import TASK_KIND, alg_section, check_values
+from btp.schema import alg_section, check_values
+from btp.tasks import TaskSpec, get_task, names_phrase
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +108,7 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg)
 
     if OmegaConf.is_missing(cfg, "task"):
-        raise ConfigError("no experiment selected; add +experiment=qa, scotus, hallucination, zsre "
-                          "or counterfact")
+        raise ConfigError(f"no experiment selected; add +experiment={names_phrase()}")
     if OmegaConf.is_missing(cfg.alg, "name"):
         raise ConfigError("no algorithm selected; add +alg=lora (MELO), grace, ft, ft_ewc, "
                           "plain_lora, wise, memit or alphaedit")
@@ -109,11 +119,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"model '{cfg.model.name}' does not set model.{key}")
     if cfg.alg.name not in EDITORS:
         raise ConfigError(f"unknown alg.name '{cfg.alg.name}'; registered: {sorted(EDITORS)}")
-    task, kind = _value(cfg.task), _value(cfg.model.kind)
-    want = _value(TASK_KIND[cfg.task])
-    if kind != want:
-        raise ConfigError(f"task '{task}' needs a {want} model but model '{cfg.model.name}' is "
-                          f"{kind}; pick a matching +model")
+    spec, kind = get_task(cfg.task), _value(cfg.model.kind)
+    if kind not in spec.model_kinds:
+        raise ConfigError(f"task '{spec.name}' needs a {spec.needs()} model but model "
+                          f"'{cfg.model.name}' is {kind}; pick a matching +model")
     if edit_batch_size(cfg) < 1:  # sections outside VALUE_RULES (a newly registered editor)
         raise ConfigError(f"the edit batch size must be >= 1; check {cfg.alg.name}'s batch_size "
                           "(null = num_edit_per_block)")
@@ -298,97 +307,175 @@ class _Checkpointed:
                 f"checkpoint ({self.batches_done} of {self.n_batches} edit batches done)")
 
 
-def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
-              saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, progress: bool,
-              start: float, checkpointed: _Checkpointed) -> dict[str, Any]:
-    """Load data and model, restore or start, claim the run dir, edit, write the outputs.
+@dataclass
+class RunParts:
+    """What :func:`build` makes from a config: everything the later steps use.
 
-    The run dir is claimed (``run_config.json``) only once everything is loaded and verified, just
-    before the first result file is written: a command that fails earlier leaves it as it was.
+    Attributes:
+        task: the task's spec (:mod:`btp.tasks`).
+        device: where the model runs.
+        data: the task's records.
+        tokenizer: the model's tokenizer.
+        collate: records -> tensors for the model.
+        stream: the edit stream in edit batches (one ``Editor.edit`` call each).
+        sets: upstream and the task's extra evaluation sets, in evaluation batches.
+        editor: the algorithm around the frozen base model (not yet restored).
+        evaluator: the task's evaluator.
     """
-    run_dir = rundir.path
-    from btp.data import Collator, check_labels, load_task_data
+
+    task: TaskSpec
+    device: torch.device
+    data: TaskData
+    tokenizer: Any
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    stream: list[list[dict]]
+    sets: EvalSets
+    editor: Editor
+    evaluator: TaskEvaluator
+
+
+def build(cfg: DictConfig, run_dir: Path) -> RunParts:
+    """Seed, then load data and model and build the editor and evaluator (nothing written).
+
+    Sets torch's threads (``threads``) and seeds every generator with ``seed`` first, so that the
+    tiny model's init and the editor's draws are those of a fresh run.
+    """
+    from btp.data import Collator, batched, check_labels, lazy_batches, load_task_data
     from btp.editors import EDITORS
+    from btp.evaluation import make_evaluator
     from btp.models import load_model_and_tokenizer
 
-    task = _value(cfg.task)
+    spec = get_task(cfg.task)
     device = pick_device(cfg.device)
     torch.set_num_threads(pick_threads(cfg.get("threads")))
     seed_everything(cfg.seed)
-    log.info("run dir %s; task %s, alg %s, model %s, device %s, %d CPU threads", run_dir, task,
-             cfg.alg.name, cfg.model.name, device, torch.get_num_threads())
-    ckpt_dir = run_dir / "checkpoint"
+    log.info("run dir %s; task %s, alg %s, model %s, device %s, %d CPU threads", run_dir,
+             spec.name, cfg.alg.name, cfg.model.name, device, torch.get_num_threads())
 
-    data = load_task_data(task, plain(cfg.data), Path(cfg.data_dir), cfg.max_n_edits,
+    data = load_task_data(spec.name, plain(cfg.data), Path(cfg.data_dir), cfg.max_n_edits,
                           cfg.model.num_labels)
     model_cfg = plain(cfg.model)
     model, tokenizer = load_model_and_tokenizer(model_cfg, device, seed=cfg.seed)
     if _value(cfg.model.kind) == "classification":
         check_labels(data, int(model.config.num_labels), str(cfg.model.name))
-    collate = Collator(tokenizer, task, cfg.data.max_length, cfg.data.label_max_length)
+    collate = Collator(tokenizer, spec.name, cfg.data.max_length, cfg.data.label_max_length)
     eval_bs = cfg.eval.batch_size or cfg.num_edit_per_block
     stream = batched(data.edits, edit_batch_size(cfg))
-    checkpointed.n_batches = len(stream)
-    sets = EvalSets(upstream=batched(data.upstream, eval_bs),
-                    holdout=batched(data.holdout, eval_bs) if data.holdout is not None else None,
-                    accurate=batched(data.accurate, eval_bs) if data.accurate is not None else None,
-                    truth=batched(data.truth, eval_bs) if data.truth is not None else None)
+    extra = {s.name: batched(getattr(data, s.records), eval_bs) for s in spec.eval_sets
+             if getattr(data, s.records) is not None}
+    alone = spec.alone_set
+    sets = EvalSets(upstream=batched(data.upstream, eval_bs), extra=extra,
+                    alone=alone.name if alone is not None else None)
 
     editor = EDITORS[cfg.alg.name](model, plain(alg_section(cfg)), model_cfg,
                                    lambda: lazy_batches(sets.upstream, collate))
     editor.check_stream(len(stream))
     editor.attach_tokenizer(tokenizer, Path(cfg.data_dir))
-    evaluator = make_evaluator(task, tokenizer, device, cfg.eval.max_length)
+    evaluator = make_evaluator(spec.name, tokenizer, device, cfg.eval.max_length)
+    return RunParts(task=spec, device=device, data=data, tokenizer=tokenizer, collate=collate,
+                    stream=stream, sets=sets, editor=editor, evaluator=evaluator)
 
-    state = LoopState()
-    wandb_id = None
-    if saved is not None:
-        tensors, js = saved
-        if js["n_batches"] != len(stream):
-            raise ConfigError(f"the checkpoint in {ckpt_dir} covers a stream of "
-                              f"{js['n_batches']} batches, the data now gives {len(stream)}; "
-                              "use the same data or another hydra.run.dir")
-        try:
-            editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items()
-                                    if k.startswith("editor.")})
-            refs = unpack(tensors["refs.flat"], tensors["refs.offsets"])
-            state = LoopState.from_json(js, refs)
-            ckpt.set_rng_state(js["rng"], tensors)
-        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
-            raise RunDirError(
-                f"checkpoint {ckpt_dir / ckpt.FILE_NAME} does not fit this run "
-                f"({type(e).__name__}: {e}); delete it to start the run over, or use another "
-                "hydra.run.dir") from e
-        wandb_id = js.get("wandb_id")
-        log.info("resuming from %s: %d of %d batches done", ckpt_dir, state.batches_done,
-                 len(stream))
+
+def restore(parts: RunParts, saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+            ckpt_dir: Path) -> tuple[LoopState, str | None]:
+    """The loop state to continue from, and the wandb run id to continue.
+
+    A fresh run (``saved`` is ``None``) starts from an empty state. Otherwise the editor, the
+    loop state and every random generator are put back as the checkpoint holds them.
+
+    Raises:
+        ConfigError: the checkpoint covers a stream of another length.
+        RunDirError: the checkpoint's tensors do not fit this editor or state.
+    """
+    if saved is None:
+        return LoopState(), None
+    tensors, js = saved
+    n_batches = len(parts.stream)
+    if js["n_batches"] != n_batches:
+        raise ConfigError(f"the checkpoint in {ckpt_dir} covers a stream of "
+                          f"{js['n_batches']} batches, the data now gives {n_batches}; "
+                          "use the same data or another hydra.run.dir")
+    try:
+        parts.editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items()
+                                      if k.startswith("editor.")})
+        refs = ckpt.unpack(tensors["refs.flat"], tensors["refs.offsets"])
+        state = LoopState.from_json(js, refs)
+        ckpt.set_rng_state(js["rng"], tensors)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise RunDirError(
+            f"checkpoint {ckpt_dir / ckpt.FILE_NAME} does not fit this run "
+            f"({type(e).__name__}: {e}); delete it to start the run over, or use another "
+            "hydra.run.dir") from e
+    log.info("resuming from %s: %d of %d batches done", ckpt_dir, state.batches_done, n_batches)
+    return state, js.get("wandb_id")
+
+
+def checkpoint_writer(cfg: DictConfig, parts: RunParts, config: dict[str, Any], ckpt_dir: Path,
+                      metrics_log: MetricsLog, checkpointed: "_Checkpointed"
+                      ) -> Callable[[LoopState], None]:
+    """The loop's ``checkpoint`` callback: the editor's state, the locality references, the RNG
+    states, the loop state and the config, written atomically (nothing with
+    ``checkpoint.enabled=false``)."""
+    def save_checkpoint(state: LoopState) -> None:
+        if not cfg.checkpoint.enabled:
+            return
+        tensors = {f"editor.{k}": v for k, v in parts.editor.state_dict().items()}
+        tensors["refs.flat"], tensors["refs.offsets"] = ckpt.pack(state.refs or [])
+        rng_js, rng_tensors = ckpt.rng_state()
+        tensors.update(rng_tensors)
+        ckpt.save(ckpt_dir, tensors, {**state.to_json(), "rng": rng_js, "config": config,
+                                      "n_batches": len(parts.stream),
+                                      "wandb_id": metrics_log.wandb_id})
+        checkpointed.batches_done = state.batches_done
+
+    return save_checkpoint
+
+
+def edit(cfg: DictConfig, parts: RunParts, state: LoopState, metrics_log: MetricsLog,
+         checkpoint: Callable[[LoopState], None], progress: bool) -> LoopState:
+    """Run the editing loop from ``state`` to the end of the stream (evaluating the unedited
+    model first on a fresh run); ``checkpoint`` is called after every edit batch."""
+    alone_set = parts.task.alone_set
+    alone_records = getattr(parts.data, alone_set.records) if alone_set is not None else None
+    alone = AskedAlone(parts.stream, alone_records, cfg.eval.alone_records, cfg.seed)
+    loop = EditingLoop(parts.editor, parts.evaluator, parts.collate, parts.stream, parts.sets,
+                       cfg.metric_period, metrics_log, checkpoint, progress=progress, alone=alone)
+    return loop.run(state)
+
+
+def finish(cfg: DictConfig, parts: RunParts, state: LoopState, run_dir: Path) -> dict[str, Any]:
+    """Save the edited adapter (``adapter/``) and write ``summary.json``; returns the summary."""
+    parts.editor.save_pretrained(run_dir / "adapter")
+    summary = build_summary(cfg, state)
+    write_summary(run_dir, summary)
+    return summary
+
+
+def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
+              saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, progress: bool,
+              start: float, checkpointed: _Checkpointed) -> dict[str, Any]:
+    """Build, restore, claim the run dir, edit, finish.
+
+    The run dir is claimed (``run_config.json``) only once everything is loaded and verified, just
+    before the first result file is written: a command that fails earlier leaves it as it was.
+    """
+    run_dir = rundir.path
+    ckpt_dir = run_dir / "checkpoint"
+    parts = build(cfg, run_dir)
+    checkpointed.n_batches = len(parts.stream)
+    state, wandb_id = restore(parts, saved, ckpt_dir)
 
     rundir.claim(config)
     (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
     metrics_log = MetricsLog(run_dir, cfg.wandb, config,
-                             f"{task}-{cfg.alg.name}-{cfg.model.name}", wandb_id)
+                             f"{parts.task.name}-{cfg.alg.name}-{cfg.model.name}", wandb_id)
     metrics_log.reset(state.records)
-
-    def save_checkpoint(st: LoopState) -> None:
-        if not cfg.checkpoint.enabled:
-            return
-        tensors = {f"editor.{k}": v for k, v in editor.state_dict().items()}
-        tensors["refs.flat"], tensors["refs.offsets"] = pack(st.refs or [])
-        rng_js, rng_tensors = ckpt.rng_state()
-        tensors.update(rng_tensors)
-        ckpt.save(ckpt_dir, tensors, {**st.to_json(), "rng": rng_js, "config": config,
-                                      "n_batches": len(stream), "wandb_id": metrics_log.wandb_id})
-        checkpointed.batches_done = st.batches_done
-
-    alone = AskedAlone(stream, data.holdout, cfg.eval.alone_records, cfg.seed)
-    loop = EditingLoop(editor, evaluator, collate, stream, sets, cfg.metric_period, metrics_log,
-                       save_checkpoint, progress=progress, alone=alone)
     summary = None
     try:
-        state = loop.run(state)
-        editor.save_pretrained(run_dir / "adapter")
-        summary = build_summary(cfg, state)
-        write_summary(run_dir, summary)
+        state = edit(cfg, parts, state, metrics_log,
+                     checkpoint_writer(cfg, parts, config, ckpt_dir, metrics_log, checkpointed),
+                     progress)
+        summary = finish(cfg, parts, state, run_dir)
     finally:
         metrics_log.finish(summary)
     log.info("summary: %s", summary_line(summary))
@@ -396,4 +483,5 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
     return summary
 
 
-__all__ = ["run", "validate", "edit_batch_size", "check_override_order", "pick_device", "UserError"]
+__all__ = ["run", "validate", "build", "restore", "edit", "finish", "RunParts", "edit_batch_size",
+           "check_override_order", "pick_device", "UserError"]

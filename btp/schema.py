@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from btp.tasks import task_names
+
 #: The repository root (the folder holding ``btp/`` and ``config/``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,14 +47,10 @@ if not OmegaConf.has_resolver("repo_path"):
     OmegaConf.register_new_resolver("repo_path", _repo_path)
 
 
-class Task(str, Enum):
-    """The three sequential-editing tasks of MELO, and the fact-editing tasks of decoder LLMs."""
-
-    qa = "qa"
-    scotus = "scotus"
-    hallucination = "hallucination"
-    zsre = "zsre"  # zsRE as EasyEdit and WISE edit decoder LLMs (btp/data/zsre_lm.py)
-    counterfact = "counterfact"  # CounterFact (btp/data/counterfact.py)
+#: The registered tasks (:mod:`btp.tasks`, one module each): ``task`` must name one, which Hydra
+#: checks when it composes the config.
+Task = Enum("Task", {name: name for name in task_names()}, type=str, module=__name__,
+            qualname="Task")
 
 
 class ModelKind(str, Enum):
@@ -61,12 +59,6 @@ class ModelKind(str, Enum):
     seq2seq = "seq2seq"
     classification = "classification"
     causal_lm = "causal_lm"
-
-
-#: The model kind each task needs (checked before loading anything).
-TASK_KIND = {Task.qa: ModelKind.seq2seq, Task.scotus: ModelKind.classification,
-             Task.hallucination: ModelKind.causal_lm, Task.zsre: ModelKind.causal_lm,
-             Task.counterfact: ModelKind.causal_lm}
 
 
 class KeyPosition(str, Enum):

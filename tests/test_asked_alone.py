@@ -42,7 +42,7 @@ class PaddedKeyEvaluator(MemoEvaluator):
 def _loop(tmp_path, stream, holdout, limit, seed=0):
     editor = PaddedKeyEditor()
     sets = EvalSets(upstream=[[{"id": 1000}, {"id": 1001}]],
-                    holdout=[holdout] if holdout is not None else None)
+                    extra={"holdout": [holdout]} if holdout is not None else {}, alone="holdout")
     alone = AskedAlone(stream, holdout, limit, seed)
     loop = EditingLoop(editor, PaddedKeyEvaluator(None, torch.device("cpu")), collate, stream, sets,
                        metric_period=4, metrics_log=MetricsLog(tmp_path, type("W", (), {"mode": "disabled"})(), {}, "t"),

@@ -43,11 +43,13 @@ def test_nanmean_is_mean_of_batch_means() -> None:
 
 
 def test_locality_and_pack_roundtrip() -> None:
+    from btp.checkpoint import pack, unpack
+
     refs = [torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([], dtype=torch.long)]
     preds = [torch.tensor([1, 2]), torch.tensor([4]), torch.tensor([], dtype=torch.long)]
     assert metrics.locality(preds, refs) == pytest.approx(2 / 3)
-    flat, offsets = metrics.pack(refs)
-    back = metrics.unpack(flat, offsets)
+    flat, offsets = pack(refs)
+    back = unpack(flat, offsets)
     assert all(torch.equal(a, b) for a, b in zip(back, refs)) and len(back) == 3
     with pytest.raises(ValueError):
         metrics.locality(preds[:2], refs)

@@ -13,13 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from btp.tasks import TASKS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_PY = REPO_ROOT / "btp" / "run.py"
 
 #: Keys every summary.json has plus the task-specific ones.
 SUMMARY_KEYS = {"task", "alg", "model", "n_edits", "ES", "ERR", "TRR", "locality", "clusters",
                 "conflicts", "forgotten", "edit_time_s"}
-TASK_KEYS = {"qa": {"holdout"}, "scotus": set(), "hallucination": {"ARR"}}
+TASK_KEYS = {name: set(spec.summary_keys) for name, spec in TASKS.items()}
 
 
 def cli_env(**extra: str) -> dict[str, str]:

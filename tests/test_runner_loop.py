@@ -62,7 +62,7 @@ def collate(records):
 def _loop(tmp_path: Path, editor: MemoEditor, period: int, saves: list):
     stream = [[{"id": i} for i in range(k, min(k + 3, 8))] for k in range(0, 8, 3)]  # 3, 3, 2
     sets = EvalSets(upstream=[[{"id": 100}, {"id": 101}], [{"id": 102}]],
-                    holdout=[[{"id": 50}]])
+                    extra={"holdout": [[{"id": 50}]]})
     log = MetricsLog(tmp_path, type("W", (), {"mode": "disabled"})(), {}, "test")
     log.reset([])
     return EditingLoop(editor, MemoEvaluator(None, torch.device("cpu")), collate, stream, sets,

@@ -1,8 +1,9 @@
 """The data layer: per-task loaders returning :class:`TaskData`, and the :class:`Collator`.
 
-``load_task_data(task, data_cfg, data_dir, max_n_edits)`` with ``task`` in ``qa`` (zsRE on T5),
-``scotus``, ``hallucination``, and the decoder-LLM fact-editing tasks ``zsre`` and
-``counterfact`` (:mod:`btp.data.facts`). Relative file names are under ``data_dir`` (the shipped
+``load_task_data(task, data_cfg, data_dir, max_n_edits)`` calls the loader of a task registered
+in :mod:`btp.tasks` (``qa``: zsRE on T5, ``scotus``, ``hallucination``, and the decoder-LLM
+fact-editing tasks ``zsre`` and ``counterfact``, :mod:`btp.data.facts`); the loaders themselves
+live here, one module per data set. Relative file names are under ``data_dir`` (the shipped
 sample is the repository's ``data/``; ``download.sh`` fills the same layout with the full data).
 
 ``data_cfg`` keys read here (attribute access; a missing key or ``None`` means the default):
@@ -39,7 +40,8 @@ Not read by ``load_task_data`` but meant for the same section (the runner passes
 :class:`Collator`): ``max_length`` (qa 20, scotus 512, hallucination 1024) and
 ``label_max_length`` (qa 20; unused by the other kinds).
 
-Number of edits: ``max_n_edits`` if given; otherwise 1000 for qa (MELO's ``n_edits``) and the
+Number of edits: ``max_n_edits`` if given; otherwise 1000 for qa (MELO's ``n_edits``,
+``btp.tasks.qa.DEFAULT_EDITS``) and the
 whole stream for the other tasks (zsre: ``zsre_file`` defaults to ``zsre_mend_eval.json``). A source with fewer records is used whole (logged).
 """
 
@@ -49,19 +51,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from btp.data.collate import Collator
+from btp.data.collate import Collator, batched, lazy_batches
 from btp.data.common import TaskData, cfg_get
 from btp.errors import DataError
+from btp.tasks import LoadArgs, find_task, task_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskData", "Collator", "load_task_data", "check_labels", "TASKS"]
+__all__ = ["TaskData", "Collator", "load_task_data", "check_labels", "batched", "lazy_batches"]
 
-TASKS = ("qa", "scotus", "hallucination", "zsre", "counterfact")
-_ALIASES = {"hallucinations": "hallucination"}
-
-#: MELO's default number of zsRE edits when ``max_n_edits`` is not given.
-DEFAULT_QA_EDITS = 1000
 #: Upstream records when ``n_upstream`` is absent (null keeps them all).
 DEFAULT_N_UPSTREAM = 1000
 
@@ -73,7 +71,7 @@ def load_task_data(
     """Load the edit stream, upstream, holdout and accurate sets of ``task``.
 
     Args:
-        task: ``qa``, ``scotus``, ``hallucination``, ``zsre`` or ``counterfact``.
+        task: a registered task (:mod:`btp.tasks`) or one of its aliases.
         data_cfg: the data config section (keys in the module docstring), a dict, or ``None``.
         data_dir: root of the data layout (the shipped sample or what download.sh filled).
         max_n_edits: cap on the edit stream; ``None`` means the task's default (see above).
@@ -87,7 +85,6 @@ def load_task_data(
             question/answer/text, a label outside the label set), or an unusable option value.
     """
     task = str(getattr(task, "value", task))  # a str Enum from the schema -> its plain value
-    task = _ALIASES.get(task, task)
     data_dir = Path(data_dir)
 
     def get(key: str, default: Any) -> Any:
@@ -106,32 +103,12 @@ def load_task_data(
     if max_n_edits is not None and (isinstance(max_n_edits, bool)
                                     or not isinstance(max_n_edits, int) or max_n_edits < 1):
         raise DataError(f"max_n_edits={max_n_edits!r}: use an integer >= 1 (or null)")
-    if task == "qa":
-        from btp.data.zsre import load_qa
-
-        n_edits = DEFAULT_QA_EDITS if max_n_edits is None else int(max_n_edits)
-        edits, holdout, upstream = load_qa(data_cfg, data_dir, n_edits, n_upstream, get)
-        data = TaskData(edits=edits, upstream=upstream, holdout=holdout)
-    elif task == "scotus":
-        from btp.data.scotus import load_scotus
-
-        edits, upstream = load_scotus(data_dir, max_n_edits, n_upstream, get, num_labels)
-        data = TaskData(edits=edits, upstream=upstream)
-    elif task == "hallucination":
-        from btp.data.hallucination import load_hallucination
-
-        edits, accurate, upstream = load_hallucination(data_dir, max_n_edits, n_upstream, get)
-        data = TaskData(edits=edits, upstream=upstream, accurate=accurate)
-    elif task == "zsre":
-        from btp.data.zsre_lm import load_zsre_facts
-
-        data = load_zsre_facts(data_dir, max_n_edits, n_upstream, get)
-    elif task == "counterfact":
-        from btp.data.counterfact import load_counterfact
-
-        data = load_counterfact(data_dir, max_n_edits, n_upstream, get)
-    else:
-        raise DataError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
+    spec = find_task(task)
+    if spec is None:
+        raise DataError(f"unknown task '{task}'; expected one of {', '.join(task_names())}")
+    task = spec.name
+    data = spec.loader(LoadArgs(data_cfg=data_cfg, data_dir=data_dir, max_n_edits=max_n_edits,
+                                n_upstream=n_upstream, num_labels=num_labels, get=get))
     if not data.edits:
         raise DataError(f"task '{task}': no edit records found under {data_dir}")
     log.info("task %s data from %s: %s", task, data_dir, data.counts())

@@ -18,21 +18,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
 from btp.errors import ConfigError
+from btp.tasks import COLLATE_KINDS, find_task
 
-KINDS = ("seq2seq", "classification", "causal_lm")
-#: Task names map to the model kind they use.
-TASK_KIND = {"qa": "seq2seq", "scotus": "classification", "hallucination": "causal_lm",
-             "zsre": "causal_lm", "counterfact": "causal_lm"}
-#: Fact-editing tasks of decoder LLMs: ``prompt + " " + target``, loss on the target tokens only,
-#: no eos (:func:`btp.data.facts.fact_batch`).
-FACT_TASKS = ("zsre", "counterfact")
-#: The original's lengths per kind (inputs, labels).
-DEFAULT_MAX_LENGTH = {"seq2seq": 20, "classification": 512, "causal_lm": 1024}
+#: The original's lengths per model kind (inputs, labels); ``facts`` batches are causal LM input.
+DEFAULT_MAX_LENGTH = {"seq2seq": 20, "classification": 512, "causal_lm": 1024, "facts": 1024}
 
 IGNORE_INDEX = -100
 
@@ -42,8 +36,8 @@ class Collator:
 
     Args:
         tokenizer: a ``transformers`` tokenizer (ours from :mod:`btp.tokenizer`, or a real one).
-        kind: ``seq2seq`` | ``classification`` | ``causal_lm``, or a task name: ``qa`` |
-            ``scotus`` | ``hallucination`` | ``zsre`` | ``counterfact``.
+        kind: ``seq2seq`` | ``classification`` | ``causal_lm`` | ``facts``
+            (:data:`btp.tasks.COLLATE_KINDS`), or a registered task name (its ``collate``).
         max_length: input length cap; ``None`` uses the original's value for the kind.
         label_max_length: seq2seq label length cap; ``None`` means ``max_length``.
     """
@@ -56,12 +50,13 @@ class Collator:
         label_max_length: int | None = None,
     ) -> None:
         kind = str(getattr(kind, "value", kind))  # a str Enum from the schema -> plain value
-        self.facts = kind in FACT_TASKS
-        kind = TASK_KIND.get(kind, kind)
-        if kind not in KINDS:
-            raise ConfigError(f"unknown collator kind '{kind}'; expected one of {KINDS}")
+        spec = find_task(kind)
+        kind = spec.collate if spec is not None else kind
+        if kind not in COLLATE_KINDS:
+            raise ConfigError(f"unknown collator kind '{kind}'; expected one of {COLLATE_KINDS}")
+        self.facts = kind == "facts"
         self.tokenizer = tokenizer
-        self.kind = kind
+        self.kind = "causal_lm" if self.facts else kind  # the model kind the batch is for
         self.max_length = int(max_length or DEFAULT_MAX_LENGTH[kind])
         self.label_max_length = int(label_max_length or self.max_length)
         if tokenizer.pad_token_id is None:
@@ -131,3 +126,15 @@ class Collator:
             attention[i, : len(ids)] = 1
             labels[i, : len(lab)] = torch.tensor(lab)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def batched(records: list[dict], size: int) -> list[list[dict]]:
+    """Split records into consecutive chunks of ``size`` (the last may be shorter)."""
+    return [records[i: i + size] for i in range(0, len(records), size)]
+
+
+def lazy_batches(chunks: list[list[dict]], collate: Callable[[list[dict]], dict]
+                 ) -> Iterable[dict[str, torch.Tensor]]:
+    """Tokenize chunks one at a time (keeps memory flat for long streams)."""
+    for chunk in chunks:
+        yield collate(chunk)

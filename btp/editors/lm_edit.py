@@ -29,6 +29,7 @@ from torch import nn
 
 from btp.editors.common import get_module, is_conv1d
 from btp.errors import ConfigError, DataError
+from btp.tasks import fact_tasks, names_phrase
 
 #: Where each family's fact editors act, as module path templates (``{i}`` = the layer index).
 #: MEMIT/AlphaEdit edit the FFN output projection ("rewrite_module_tmp" of their configs), WISE
@@ -247,8 +248,8 @@ def decode_facts(batch: dict[str, torch.Tensor], tokenizer: Any) -> list[tuple[s
         lab = labels[i] != -100
         if not bool(lab.any()):
             raise ConfigError("an edit record has no target tokens: WISE, MEMIT and AlphaEdit "
-                              "edit facts (prompt -> target); use +experiment=zsre or "
-                              "counterfact")
+                              "edit facts (prompt -> target); use +experiment="
+                              f"{names_phrase(fact_tasks())}")
         first = int(lab.nonzero()[0])
         prompt = tokenizer.decode(ids[i][:first][real[:first]], skip_special_tokens=True)
         target = tokenizer.decode(ids[i][lab], skip_special_tokens=True)

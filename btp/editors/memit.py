@@ -62,6 +62,7 @@ from btp.editors.lm_edit import (Capture, add_at_positions, add_out_in, block_of
                                  strings_to_tensor, templated_batch, tensor_to_strings,
                                  weight_fingerprint)
 from btp.errors import ConfigError
+from btp.tasks import fact_tasks, names_phrase
 from peft_melo.prefix_cache import FrozenPrefixCache
 
 log = logging.getLogger(__name__)
@@ -225,9 +226,9 @@ class MemitEditor(Editor):
                  upstream_batches: Callable[[], Any] | None = None, **_: Any) -> None:
         super().__init__(model, alg_cfg, model_cfg, upstream_batches)
         if model_kind(model) != "causal_lm":
-            raise ConfigError(f"{self.name} edits decoder-only LMs (+experiment=zsre or "
-                              f"counterfact); model '{cfg_get(model_cfg, 'name', '?')}' is "
-                              f"{model_kind(model)}")
+            raise ConfigError(f"{self.name} edits decoder-only LMs (+experiment="
+                              f"{names_phrase(fact_tasks())}); model "
+                              f"'{cfg_get(model_cfg, 'name', '?')}' is {model_kind(model)}")
         layers = cfg_get(alg_cfg, "layers") or cfg_get(model_cfg, "memit_layers")
         self.layers = [str(x) for x in layers] if layers else default_memit_layers(model)
         self.modules = {n: linear_module(model, n) for n in self.layers}

@@ -67,6 +67,7 @@ from btp.editors.lm_edit import (context_templates, decode_facts, default_wise_l
                                  linear_module, linear_with, passages, read_corpus,
                                  strings_to_tensor, templated_batch, tensor_to_strings)
 from btp.errors import ConfigError
+from btp.tasks import fact_tasks, names_phrase
 from peft_melo.prefix_cache import FrozenPrefixCache
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,8 @@ class WiseEditor(Editor):
                  upstream_batches: Callable[[], Any] | None = None, **_: Any) -> None:
         super().__init__(model, alg_cfg, model_cfg, upstream_batches)
         if model_kind(model) != "causal_lm":
-            raise ConfigError(f"wise edits decoder-only LMs (+experiment=zsre or counterfact); "
+            raise ConfigError(f"wise edits decoder-only LMs (+experiment="
+                              f"{names_phrase(fact_tasks())}); "
                               f"model '{cfg_get(model_cfg, 'name', '?')}' is {model_kind(model)}")
         self.layer_name = str(cfg_get(alg_cfg, "layer") or cfg_get(model_cfg, "wise_layer")
                               or default_wise_layer(model))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from btp.schema import ALG_SECTIONS  # config sections each algorithm reads (one table)
+from btp.tasks import TASKS
 
 log = logging.getLogger("btp.report")
 
@@ -30,9 +31,6 @@ REQUIRED_SUMMARY_KEYS: tuple[str, ...] = (
     "task", "alg", "model", "n_edits", "ES", "ERR", "TRR", "locality",
     "clusters", "conflicts", "forgotten", "edit_time_s", "seed",
 )
-#: Extra keys required per task (generality for qa, accuracy retention for hallucination).
-TASK_KEYS: dict[str, tuple[str, ...]] = {"qa": ("holdout",), "hallucination": ("ARR",),
-                                         "zsre": ("holdout",), "counterfact": ("holdout",)}
 #: Summary keys that name the run rather than measure it.
 IDENTITY_KEYS: tuple[str, ...] = ("task", "alg", "model")
 #: Metrics drawn against the number of edits (when a run's metrics.jsonl has them).
@@ -242,7 +240,8 @@ def _check_summary(summary: Any) -> None:
     """Raise :class:`BadRun` unless ``summary`` has the runner's keys with usable values."""
     if not isinstance(summary, dict):
         raise BadRun(f"summary.json: expected a JSON object, got {type(summary).__name__}")
-    required = REQUIRED_SUMMARY_KEYS + TASK_KEYS.get(str(summary.get("task")), ())
+    spec = TASKS.get(str(summary.get("task")))  # its extra keys (holdout, ARR); none if unknown
+    required = REQUIRED_SUMMARY_KEYS + (spec.summary_keys if spec is not None else ())
     missing = [key for key in required if key not in summary]
     if missing:
         raise BadRun(f"summary.json: missing keys {', '.join(missing)}")

@@ -10,20 +10,19 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from btp.report.runs import DB_STATS, Collection, Run, Skipped, is_number
+from btp.tasks import TASKS
 
-#: What the task's quality metrics measure and whether higher is better.
+#: What each task's quality metrics measure and whether higher is better (its spec's
+#: ``quality`` and ``higher_is_better``).
 TASK_METRIC: dict[str, tuple[str, bool]] = {
-    "qa": ("F1", True), "scotus": ("accuracy", True), "hallucination": ("perplexity", False),
-    "zsre": ("token accuracy", True), "counterfact": ("token accuracy", True),
-}
-#: Tasks whose quality metric is a rate in [0, 1] (F1, accuracy); perplexity is not.
-RATE_TASKS: frozenset[str] = frozenset({"qa", "scotus", "zsre", "counterfact"})
+    name: (spec.quality, spec.higher_is_better) for name, spec in TASKS.items()}
 #: Summary keys that are never averaged as metrics.
 NOT_METRICS = frozenset({"task", "alg", "model", "seed", "n_batches"})
 
-#: Table order of tasks and of methods (the paper's: SCOTUS, zsRE, hallucination; baselines first,
-#: MELO last); anything unknown goes after the known ones, alphabetically.
-TASK_ORDER: tuple[str, ...] = ("scotus", "qa", "hallucination", "zsre", "counterfact")
+#: Table order of tasks (their specs' ``table_rank``: the paper's SCOTUS, zsRE, hallucination, then
+#: the decoder-LLM tasks) and of methods (baselines first, MELO last); anything unknown goes after
+#: the known ones, alphabetically.
+TASK_ORDER: tuple[str, ...] = tuple(sorted(TASKS, key=lambda name: TASKS[name].table_rank))
 ALG_ORDER: tuple[str, ...] = ("ft", "ft_ewc", "plain_lora", "grace", "memit", "alphaedit", "wise",
                                "melo", "lora")
 
@@ -55,11 +54,8 @@ def metric_kind(task: str, metric: str) -> Kind:
         return "rate"
     if metric.startswith("edit_time"):
         return "nonnegative"
-    if task in RATE_TASKS:
-        return "rate"
-    if task == "hallucination":
-        return "nonnegative"  # perplexity
-    return "real"
+    spec = TASKS.get(task)
+    return spec.quality_kind if spec is not None else "real"  # perplexity: nonnegative
 
 
 def valid_range(kind: Kind) -> tuple[float, float]:
