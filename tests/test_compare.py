@@ -584,9 +584,9 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
     env.pop("BTP_TEST_KILL_AT", None)
     cmd = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", "+alg=lora,grace",
-           "+experiment=qa", "+model=tiny-t5small", "seed=0,1", "max_n_edits=20",
-           "metric_period=10", "data.n_upstream=20", "eval.alone_records=10",
-           "grace.num_iter=20"]  # GRACE edits one record at a time: 20 edits; keep it short
+           "+experiment=qa", "+model=tiny-t5small", "seed=0,1", "max_n_edits=8",
+           "metric_period=4", "data.n_upstream=8", "eval.alone_records=4", "melo.num_iter=10",
+           "grace.num_iter=10"]  # GRACE edits one record at a time: 8 edits; keep it short
     proc = subprocess.run(cmd, cwd=ROOT / "btp", env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
