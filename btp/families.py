@@ -2,9 +2,10 @@
 
 A *family* (:data:`FAMILIES`) is one transformers architecture: its config and model classes,
 the model kind it is used as, its tokenizer family (:mod:`btp.tokenizer`), the name suffixes of
-its residual branches' output projections, how a tiny config is built from small widths, and the
+its residual branches' output projections, how a tiny config is built from small widths, the
 layer MELO keys on and adapts when a model of the family comes without a config file of ours
-(:meth:`Family.default_layers`, used by :mod:`btp.api` for any hub id or path).
+(:meth:`Family.default_layers`, used by :mod:`btp.api` for any hub id or path), and the default
+layers of the baselines (GRACE's own layer, MEMIT's and WISE's, read by :mod:`btp.editors`).
 
 An *architecture* (:data:`ARCHS`) is one real checkpoint that a tiny stand-in copies: its family,
 layer count and FFN type, with small widths. ``config/model/tiny-*.yaml`` select one by name.
@@ -111,6 +112,14 @@ class Family:
         layer_path: the FFN module that MELO adapts and keys on, ``{i}`` = the layer index.
         layers_attr: the config attribute holding the number of layers.
         untied_head: build a separate ``lm_head`` (T5 v1.1: transformers always ties at init).
+        ffn_out: the FFN output projection, ``{i}`` = the layer index: what MEMIT and AlphaEdit
+            edit ("rewrite_module_tmp" of their configs); ``None``: they do not edit the family.
+        memit_layers: MEMIT's layers ``((first, last), of)`` from the methods' own configs; a
+            model of the family with another depth takes the same fraction of its layers.
+        wise_layer: WISE's side-memory module ``(path, index, of)`` from the WISE authors'
+            configs (EasyEdit's ``hparams/WISE``), scaled to the depth like ``memit_layers``.
+        grace_layer: the layer GRACE's own experiments wrap where it differs from the model
+            config's MELO ``grace_layer`` (GRACE's SCOTUS runs: BERT layer 10).
     """
 
     name: str
@@ -124,6 +133,10 @@ class Family:
     layer_path: str
     layers_attr: str = "num_hidden_layers"
     untied_head: bool = False
+    ffn_out: str | None = None
+    memit_layers: tuple[tuple[int, int], int] | None = None
+    wise_layer: tuple[str, int, int] | None = None
+    grace_layer: str | None = None
 
     def default_layers(self, num_layers: int) -> tuple[list[str], str]:
         """``(target_modules, grace_layer)`` for a model of ``num_layers`` layers of this family.
@@ -143,7 +156,10 @@ class Family:
                 self.layer_path.format(i=key))
 
 
-#: Every family the runner can build or load.
+#: Every family the runner can build or load. The fact editors' layers: MEMIT's files give
+#: Llama 3 8B (AlphaEdit's MEMIT and AlphaEdit files) 4-8, GPT-J 3-8, GPT-2 XL 13-17; WISE's give
+#: Llama-2-7B and Mistral-7B ``model.layers[27].mlp.down_proj`` of 32, Qwen2.5-7B ``[23]`` of 28,
+#: GPT-J-6B ``transformer.h[21].mlp.fc_out`` of 28, GPT-2 XL ``transformer.h[8].mlp.c_fc`` of 48.
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("t5", "seq2seq", "T5Config", "T5ForConditionalGeneration", "t5",
            ("SelfAttention.o", "DenseReluDense.wo"), _t5_fields, ("t5",),
@@ -151,23 +167,29 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            untied_head=True),
     Family("bert", "classification", "BertConfig", "BertForSequenceClassification", "bert",
            ("attention.output.dense", "output.dense"), _bert_fields, ("bert",),
-           "bert.encoder.layer.{i}.output.dense"),
+           "bert.encoder.layer.{i}.output.dense",
+           grace_layer="bert.encoder.layer.10.output.dense"),
     Family("gpt2", "causal_lm", "GPT2Config", "GPT2LMHeadModel", "gpt2",
            ("attn.c_proj", "mlp.c_proj"), _gpt2_fields, ("gpt2",), "transformer.h.{i}.mlp.c_fc",
-           layers_attr="n_layer"),
+           layers_attr="n_layer", ffn_out="transformer.h.{i}.mlp.c_proj",
+           memit_layers=((13, 17), 48), wise_layer=("transformer.h.{i}.mlp.c_fc", 8, 48)),
     Family("llama", "causal_lm", "LlamaConfig", "LlamaForCausalLM", "llama",
            ("self_attn.o_proj", "mlp.down_proj"), _llama_like_fields, ("llama",),
-           "model.layers.{i}.mlp.down_proj"),
+           "model.layers.{i}.mlp.down_proj", ffn_out="model.layers.{i}.mlp.down_proj",
+           memit_layers=((4, 8), 32), wise_layer=("model.layers.{i}.mlp.down_proj", 27, 32)),
     Family("mistral", "causal_lm", "MistralConfig", "MistralForCausalLM", "llama",
            ("self_attn.o_proj", "mlp.down_proj"), _llama_like_fields, ("mistral",),
-           "model.layers.{i}.mlp.down_proj"),
+           "model.layers.{i}.mlp.down_proj", ffn_out="model.layers.{i}.mlp.down_proj",
+           memit_layers=((4, 8), 32), wise_layer=("model.layers.{i}.mlp.down_proj", 27, 32)),
     Family("qwen2", "causal_lm", "Qwen2Config", "Qwen2ForCausalLM", "qwen2",
            ("self_attn.o_proj", "mlp.down_proj"), _llama_like_fields, ("qwen2",),
-           "model.layers.{i}.mlp.down_proj"),
+           "model.layers.{i}.mlp.down_proj", ffn_out="model.layers.{i}.mlp.down_proj",
+           memit_layers=((4, 8), 28), wise_layer=("model.layers.{i}.mlp.down_proj", 23, 28)),
     # GPT-J uses GPT-2's tokenizer (byte-level BPE, <|endoftext|> as bos/eos, nothing added)
     Family("gptj", "causal_lm", "GPTJConfig", "GPTJForCausalLM", "gpt2",
            ("attn.out_proj", "mlp.fc_out"), _gptj_fields, ("gptj",), "transformer.h.{i}.mlp.fc_out",
-           layers_attr="n_layer"),
+           layers_attr="n_layer", ffn_out="transformer.h.{i}.mlp.fc_out",
+           memit_layers=((3, 8), 28), wise_layer=("transformer.h.{i}.mlp.fc_out", 21, 28)),
 )}
 
 #: The real checkpoints' architecture facts that a tiny stand-in keeps (layer counts, FFN type,

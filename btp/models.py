@@ -1,4 +1,4 @@
-"""Model loading: tiny stand-ins (offline) and real checkpoints (hub id or local path).
+"""Model loading: real checkpoints (hub id or local path), or a tiny stand-in (:mod:`btp.tiny`).
 
 ``load_model_and_tokenizer(model_cfg, device)`` reads these ``model_cfg`` fields (attribute
 access; a DictConfig, dataclass or namespace):
@@ -10,7 +10,7 @@ access; a DictConfig, dataclass or namespace):
   ignored for tiny models, which use :mod:`btp.tokenizer`.
 * ``num_labels``: classes for ``classification`` (tiny only; a checkpoint keeps its own).
 * ``tiny``: ``None`` for the real checkpoint, else a dict of small widths (keys in
-  :data:`TINY_KEYS`), e.g. ``{d_model: 64, d_ff: 128, heads: 4}``.
+  :data:`btp.families.TINY_KEYS`), e.g. ``{d_model: 64, d_ff: 128, heads: 4}``.
 * ``dtype``: ``fp32`` (default) | ``bf16`` | ``fp16``: the base model's weights (MELO's LoRA
   factors and vector database stay in fp32, see ``peft_melo``).
 * ``device_map``: ``None`` (the run's ``device``), or accelerate's placement, e.g. ``auto`` to
@@ -19,8 +19,9 @@ access; a DictConfig, dataclass or namespace):
   package (SmolLM2), cached as a plain safetensors copy (:mod:`btp.packaged_models`).
 * ``target_modules`` / ``grace_layer``: not used here (the editors check them).
 
-A tiny stand-in keeps the real checkpoint's module paths, layer counts and FFN type
-(:data:`ARCHS`) with small widths and our offline vocabulary, so module names such as
+A tiny stand-in (built by :mod:`btp.tiny` from the family table, never on the real-checkpoint
+path) keeps the real checkpoint's module paths, layer counts and FFN type
+(:data:`btp.families.ARCHS`) with small widths and our offline vocabulary, so module names such as
 ``encoder.block.4.layer.1.DenseReluDense.wo`` resolve exactly as on the real model. Its weights
 are random but seeded, hence identical from run to run.
 
@@ -43,18 +44,16 @@ import torch
 from torch import nn
 
 from btp.errors import ConfigError, ModelLoadError
-from btp.families import (ARCH_HINTS, ARCHS, FAMILIES, TINY_KEYS, Family, family_of_arch,
-                          transformers_class)
-from btp.tokenizer import get_tokenizer
+from btp.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-KINDS = ("seq2seq", "classification", "causal_lm")
+#: The model kinds of the family table, in its order (``seq2seq``, ``classification``,
+#: ``causal_lm``).
+KINDS: tuple[str, ...] = tuple(dict.fromkeys(family.kind for family in FAMILIES.values()))
 
-#: Per family, the name suffixes of the residual branches' output projections (``residual_scale``).
-RESIDUAL_OUTPUTS: dict[str, tuple[str, ...]] = {
-    name: fam.residual_outputs for name, fam in FAMILIES.items()}
-
+#: How a real checkpoint of each kind is loaded (the transformers auto class reads its family
+#: from the checkpoint's config).
 _AUTO_CLASSES = {
     "seq2seq": "AutoModelForSeq2SeqLM",
     "classification": "AutoModelForSequenceClassification",
@@ -71,117 +70,6 @@ def _field(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(value, Enum):  # the schema's str Enums (ModelKind) -> plain strings
         value = value.value
     return default if value is None else value
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    """A plain dict from a dict, DictConfig or dataclass-like ``tiny`` section."""
-    if obj is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(obj, DictConfig):
-            return dict(OmegaConf.to_container(obj, resolve=True))  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if hasattr(obj, "items"):
-        return dict(obj.items())
-    if hasattr(obj, "__dict__"):
-        return {k: v for k, v in vars(obj).items() if v is not None}
-    raise ConfigError(f"model.tiny must be a mapping of widths, got {type(obj).__name__}")
-
-
-def resolve_arch(model_cfg: Any, tiny: dict[str, Any]) -> str:
-    """The tiny architecture: ``tiny.arch``, else recognised from ``name``, else ``pretrained``."""
-    if tiny.get("arch"):
-        arch = str(tiny["arch"])
-        if arch not in ARCHS:
-            raise ConfigError(f"model.tiny.arch '{arch}' unknown; expected one of {sorted(ARCHS)}")
-        return arch
-    for source in (_field(model_cfg, "name", ""), _field(model_cfg, "pretrained", "")):
-        text = str(source).lower()
-        text = text[5:] if text.startswith(("tiny-", "tiny_")) else text
-        # Longest hint first so "t5-small-ssm-nq" wins over "t5-small" and "gpt2-xl" over "gpt2".
-        for hint in sorted(ARCH_HINTS, key=len, reverse=True):
-            if hint in text:
-                return ARCH_HINTS[hint]
-    raise ConfigError(
-        f"cannot tell which architecture tiny model '{_field(model_cfg, 'name', '?')}' stands "
-        f"for; set model.tiny.arch to one of {sorted(ARCHS)}"
-    )
-
-
-def build_tiny_config(arch: str, tiny: dict[str, Any], num_labels: int | None) -> Any:
-    """The ``transformers`` config of the tiny stand-in for ``arch`` (dropout already 0)."""
-    unknown = set(tiny) - TINY_KEYS
-    if unknown:
-        raise ConfigError(f"model.tiny: unknown key(s) {sorted(unknown)}; allowed {sorted(TINY_KEYS)}")
-    family = family_of_arch(arch)
-    spec = {**ARCHS[arch], **{k: v for k, v in tiny.items() if v is not None}}
-    d_model, heads = int(spec["d_model"]), int(spec["heads"])
-    if d_model % heads:
-        raise ConfigError(f"model.tiny: d_model {d_model} is not divisible by heads {heads}")
-    if heads % int(spec.get("kv_heads", heads)):
-        raise ConfigError(f"model.tiny: heads {heads} is not a multiple of kv_heads "
-                          f"{spec['kv_heads']}")
-    tokenizer = get_tokenizer(family.tokenizer)
-    return transformers_class(family.config_class)(**family.config_fields(spec, tokenizer,
-                                                                          num_labels))
-
-
-def build_tiny_model(arch: str, tiny: dict[str, Any], num_labels: int | None = None,
-                     seed: int = 0) -> tuple[nn.Module, Any]:
-    """A seeded random tiny stand-in for ``arch`` and its family's offline tokenizer.
-
-    The global torch RNG is forked, so building a model does not shift the run's random stream.
-    """
-    config = build_tiny_config(arch, tiny, num_labels)
-    family = family_of_arch(arch)
-    cls = transformers_class(family.model_class)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(tiny.get("seed", seed)))
-        model = cls(config)
-        if family.untied_head and not ARCHS[arch].get("tie_word_embeddings", True):
-            _untie_t5_lm_head(model)
-    if tiny.get("residual_scale") is not None:
-        scale_residual_branches(model, family.name, float(tiny["residual_scale"]))
-    return model, get_tokenizer(family.tokenizer)
-
-
-def scale_residual_branches(model: nn.Module, family: str, scale: float) -> int:
-    """Multiply the weights of every residual-branch output projection of ``model`` by ``scale``.
-
-    Returns how many projections were scaled (bias untouched). See :data:`TINY_KEYS`.
-    """
-    if not scale > 0:
-        raise ConfigError(f"model.tiny.residual_scale must be > 0, got {scale}")
-    suffixes = RESIDUAL_OUTPUTS[family]
-    scaled = 0
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith(suffixes) and hasattr(module, "weight"):
-                module.weight.mul_(scale)
-                scaled += 1
-    if not scaled:  # pragma: no cover - the suffix table is tested per family
-        raise ConfigError(f"model.tiny.residual_scale: no residual output projection in {family}")
-    return scaled
-
-
-def _untie_t5_lm_head(model: nn.Module) -> None:
-    """Give a T5 v1.1-style stand-in its own ``lm_head`` like the real checkpoint.
-
-    transformers 5 always ties T5's ``lm_head`` to ``shared`` at init and only unties when a
-    checkpoint holds two different tensors; ``tie_word_embeddings=False`` in the config only
-    turns off the decoder-output scaling. So build the separate head here (T5's init:
-    N(0, initializer_factor)).
-    """
-    head = model.lm_head
-    factor = float(getattr(model.config, "initializer_factor", 1.0))
-    head.weight = nn.Parameter(torch.randn_like(head.weight) * factor)
-    tied = getattr(model, "all_tied_weights_keys", None)
-    if isinstance(tied, dict):
-        tied.pop("lm_head.weight", None)  # so a later tie_weights() keeps them apart
-    model.config.tie_word_embeddings = False
 
 
 def zero_dropout(model: nn.Module) -> nn.Module:
@@ -358,12 +246,11 @@ def load_model_and_tokenizer(
         raise ConfigError(f"model.kind must be one of {KINDS}, got '{kind}'")
     tiny_section = _field(model_cfg, "tiny")
     if tiny_section is not None:
-        tiny = _as_dict(tiny_section)
-        arch = resolve_arch(model_cfg, tiny)
-        arch_kind = family_of_arch(arch).kind
-        if arch_kind != kind:
-            raise ConfigError(f"tiny architecture '{arch}' is {arch_kind}, not {kind}")
-        model, tokenizer = build_tiny_model(arch, tiny, _field(model_cfg, "num_labels"), seed)
+        from btp.tiny import load_tiny
+
+        model, tokenizer, arch = load_tiny(
+            tiny_section, str(_field(model_cfg, "name", "")),
+            str(_field(model_cfg, "pretrained", "")), kind, _field(model_cfg, "num_labels"), seed)
         log.info("built tiny %s stand-in (%d parameters)", arch,
                  sum(p.numel() for p in model.parameters()))
     else:

@@ -23,9 +23,8 @@ The decoder-LLM tokenizer families add three more special tokens after the train
 families keep their vocabulary, and with it their tiny models' weights, unchanged.
 
 :func:`get_tokenizer` wraps it as ``transformers.PreTrainedTokenizerFast`` for a tokenizer family
-(:data:`FAMILIES`; a model family names its own in :mod:`btp.families`) or, for the three
-original families, a model kind (``seq2seq``, ``classification``, ``causal_lm``). Each uses its
-special tokens as the real tokenizer does:
+(:data:`FAMILIES`; a model family names its own in :mod:`btp.families`). Each uses its special
+tokens as the real tokenizer does:
 
 =========  =====================================  ==================================================
 family     real tokenizer                         here
@@ -72,8 +71,8 @@ SPECIAL_IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 #: Special tokens of the decoder-LLM families, appended after the trained vocabulary.
 EXTRA_SPECIAL_TOKENS = ["<s>", "<|im_start|>", "<|im_end|>"]
 
+#: The tokenizer families; a model family names its own (:attr:`btp.families.Family.tokenizer`).
 FAMILIES = ("t5", "bert", "gpt2", "llama", "qwen2")
-KIND_FAMILY = {"seq2seq": "t5", "classification": "bert", "causal_lm": "gpt2"}
 _MAX_LEN = {"t5": 512, "bert": 512, "gpt2": 1024, "llama": 4096, "qwen2": 32768}
 #: Folders of the data sample that the asset was not trained on (added after it was built);
 #: leaving them out keeps ``--rebuild`` reproducing the shipped asset.
@@ -145,19 +144,18 @@ def base_tokenizer() -> Tokenizer:
     return Tokenizer.from_str(_asset_json())
 
 
-def get_tokenizer(family_or_kind: str) -> Any:
+def get_tokenizer(family: str) -> Any:
     """The shipped tokenizer as ``PreTrainedTokenizerFast`` for a tokenizer family.
 
-    Families: ``t5``/``bert``/``gpt2``/``llama``/``qwen2`` (module docstring); the model kinds
-    ``seq2seq``/``classification``/``causal_lm`` map to the first three. T5 appends ``</s>``;
-    BERT wraps as ``[CLS] x [SEP]``; GPT-2 adds nothing and pads with its eos; Llama prepends
-    ``<s>``; Qwen2 adds nothing.
+    Families: ``t5``/``bert``/``gpt2``/``llama``/``qwen2`` (module docstring). T5 appends
+    ``</s>``; BERT wraps as ``[CLS] x [SEP]``; GPT-2 adds nothing and pads with its eos; Llama
+    prepends ``<s>``; Qwen2 adds nothing. A model kind is not a family: a causal LM may use any
+    of three of them (the model family's table entry names its tokenizer family).
     """
     from transformers import PreTrainedTokenizerFast
 
-    family = KIND_FAMILY.get(family_or_kind, family_or_kind)
     if family not in FAMILIES:
-        raise ValueError(f"unknown tokenizer family '{family_or_kind}'; expected {FAMILIES}")
+        raise ValueError(f"unknown tokenizer family '{family}'; expected {FAMILIES}")
     tok = base_tokenizer()
     if family == "t5":
         eos = SPECIAL_IDS["</s>"]

@@ -33,7 +33,9 @@ def test_special_ids_per_family() -> None:
             bert.mask_token_id) == (3, 4, 5, 6, 7)
     assert gpt2.eos_token_id == gpt2.pad_token_id == gpt2.bos_token_id == 8
     assert len(t5) == len(bert) == len(gpt2) == base_tokenizer().get_vocab_size()
-    assert get_tokenizer("seq2seq").eos_token_id == 1  # kinds map to families
+    # a model kind names no tokenizer (a causal LM may be GPT-2, Llama or Qwen2): refused
+    with pytest.raises(ValueError, match="unknown tokenizer family 'causal_lm'"):
+        get_tokenizer("causal_lm")
 
 
 def test_post_processors() -> None:

@@ -98,6 +98,7 @@ from btp.editors.common import (
     write_safetensors,
 )
 from btp.errors import ConfigError
+from btp.families import family_of_model_type
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,6 @@ EPS_EXPANDS = ("coverage", "moving_average")
 VAL_TRAINS = ("sgd", "adv")
 #: The margin the repository takes off the old entry's radius on a split (d/2 - 1e-5).
 SPLIT_MARGIN = 1e-5
-
-# GRACE's own layer where it differs from the model's MELO ``grace_layer`` (by HF model_type).
-# GRACE's SCOTUS experiments wrap BERT layer 10; its T5 (block 4 wo) and GPT-2 (h.35 c_fc)
-# layers are the ones MELO reuses, so those come from the model config.
-GRACE_OWN_LAYER = {"bert": "bert.encoder.layer.10.output.dense"}
 
 SAFETENSORS_NAME = "grace_codebook.safetensors"
 CONFIG_NAME = "grace_config.json"
@@ -457,8 +453,10 @@ def default_grace_layer(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> str:
     for name in (cfg_get(alg_cfg, "layer"), cfg_get(model_cfg, "grace_baseline_layer")):
         if name:
             return str(name)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    own = GRACE_OWN_LAYER.get(model_type)
+    # GRACE's SCOTUS experiments wrap BERT layer 10 (the family table's grace_layer); its T5
+    # (block 4 wo) and GPT-2 (h.35 c_fc) layers are the ones MELO reuses, from the model config.
+    family = family_of_model_type(str(getattr(getattr(model, "config", None), "model_type", "")))
+    own = family.grace_layer if family is not None else None
     # A smaller stand-in may lack GRACE's own layer: then the model's grace_layer serves.
     if own is not None and own in dict(model.named_modules()):
         return own

@@ -29,58 +29,45 @@ from torch import nn
 
 from btp.editors.common import get_module, is_conv1d
 from btp.errors import ConfigError, DataError
+from btp.families import Family, family_of_model_type
 from btp.tasks import fact_tasks, names_phrase
 
-#: Where each family's fact editors act, as module path templates (``{i}`` = the layer index).
-#: MEMIT/AlphaEdit edit the FFN output projection ("rewrite_module_tmp" of their configs), WISE
-#: the module its authors' configs name (GPT-2 XL: ``c_fc``, the others: the output projection).
-FFN_OUT = {"llama": "model.layers.{i}.mlp.down_proj", "mistral": "model.layers.{i}.mlp.down_proj",
-           "qwen2": "model.layers.{i}.mlp.down_proj", "gptj": "transformer.h.{i}.mlp.fc_out",
-           "gpt2": "transformer.h.{i}.mlp.c_proj"}
-#: MEMIT's layers per family, from the methods' own configs: Llama 3 8B (AlphaEdit's MEMIT and
-#: AlphaEdit files) 4-8, GPT-J 3-8 (MEMIT's file), GPT-2 XL 13-17 (MEMIT's file). Models of the
-#: family with another depth take the same fraction of their layers.
-MEMIT_LAYERS = {"llama": ((4, 8), 32), "mistral": ((4, 8), 32), "qwen2": ((4, 8), 28),
-                "gptj": ((3, 8), 28), "gpt2": ((13, 17), 48)}
-#: WISE's layer per family (EasyEdit's WISE configs, written by the WISE authors): Llama-2-7B and
-#: Mistral-7B ``model.layers[27].mlp.down_proj`` of 32, Qwen2.5-7B ``[23]`` of 28, GPT-J-6B
-#: ``transformer.h[21].mlp.fc_out`` of 28, GPT-2 XL ``transformer.h[8].mlp.c_fc`` of 48.
-WISE_LAYER = {"llama": ("model.layers.{i}.mlp.down_proj", 27, 32),
-              "mistral": ("model.layers.{i}.mlp.down_proj", 27, 32),
-              "qwen2": ("model.layers.{i}.mlp.down_proj", 23, 28),
-              "gptj": ("transformer.h.{i}.mlp.fc_out", 21, 28),
-              "gpt2": ("transformer.h.{i}.mlp.c_fc", 8, 48)}
 
-
-def model_family(model: nn.Module) -> tuple[str, int]:
-    """``(family name, number of layers)`` of a decoder LM (:mod:`btp.families`)."""
-    from btp.families import family_of_model_type
-
+def model_family(model: nn.Module) -> tuple[Family, int]:
+    """``(family, number of layers)`` of a decoder LM (:mod:`btp.families`)."""
     config = getattr(model, "config", None)
     family = family_of_model_type(str(getattr(config, "model_type", "")))
     if family is None or family.kind != "causal_lm":
         raise ConfigError(f"{type(model).__name__} is not a decoder-only LM of a known family "
                           "(Llama, Mistral, Qwen2, GPT-J, GPT-2); WISE, MEMIT and AlphaEdit edit "
                           "those: pick such a +model, or name the layers in the model config")
-    return family.name, int(getattr(config, family.layers_attr))
+    return family, int(getattr(config, family.layers_attr))
 
 
 def _scaled(index: int, of: int, n_layers: int) -> int:
     return min(n_layers - 1, max(0, round(index * n_layers / of)))
 
 
+def _fact_layers(family: Family, what: str) -> Any:
+    value = getattr(family, what)
+    if value is None or family.ffn_out is None:
+        raise ConfigError(f"the {family.name} family has no default {what} (btp.families); name "
+                          "the layers in the model config")
+    return value
+
+
 def default_memit_layers(model: nn.Module) -> list[str]:
-    """MEMIT's edited modules for ``model`` (see :data:`MEMIT_LAYERS`)."""
+    """MEMIT's edited modules for ``model``: its family's ``memit_layers`` of ``ffn_out``."""
     family, n = model_family(model)
-    (lo, hi), of = MEMIT_LAYERS[family]
+    (lo, hi), of = _fact_layers(family, "memit_layers")
     lo, hi = _scaled(lo, of, n), _scaled(hi, of, n)
-    return [FFN_OUT[family].format(i=i) for i in range(lo, hi + 1)]
+    return [str(family.ffn_out).format(i=i) for i in range(lo, hi + 1)]
 
 
 def default_wise_layer(model: nn.Module) -> str:
-    """WISE's side-memory module for ``model`` (see :data:`WISE_LAYER`)."""
+    """WISE's side-memory module for ``model``: its family's ``wise_layer``."""
     family, n = model_family(model)
-    path, index, of = WISE_LAYER[family]
+    path, index, of = _fact_layers(family, "wise_layer")
     return path.format(i=_scaled(index, of, n))
 
 
