@@ -143,3 +143,46 @@ def test_missing_checkpoint_without_network_fails_at_once(monkeypatch) -> None:
     assert time.monotonic() - start < 10
     msg = str(err.value)
     assert "model.pretrained=/path" in msg and "no network" in msg and "\n" not in msg
+
+
+def test_the_family_table_is_consistent() -> None:
+    """Every architecture, hint, model config and tokenizer family resolves through the table."""
+    from btp.families import ARCH_HINTS, TINY_KEYS
+    from btp.tiny import resolve_arch
+    from btp.tokenizer import FAMILIES as TOKENIZER_FAMILIES
+
+    for family in FAMILIES.values():
+        assert family.tokenizer in TOKENIZER_FAMILIES, family.name
+        assert "{i}" in family.layer_path and family.residual_outputs, family.name
+        if family.kind == "causal_lm":  # the fact editors' defaults (WISE, MEMIT, AlphaEdit)
+            assert family.ffn_out and family.memit_layers and family.wise_layer, family.name
+    assert {spec["family"] for spec in ARCHS.values()} <= set(FAMILIES)
+    assert set(ARCH_HINTS.values()) <= set(ARCHS)
+    for path in sorted((REPO / "config" / "model").glob("*.yaml")):
+        cfg = _model_yaml(path.stem)
+        if cfg.get("tiny") is None:
+            continue
+        assert set(cfg["tiny"]) <= TINY_KEYS, path.name
+        arch = resolve_arch(dict(cfg["tiny"]), cfg["name"], cfg.get("pretrained") or "")
+        assert FAMILIES[ARCHS[arch]["family"]].kind == cfg["kind"], path.name
+
+
+def test_a_real_checkpoint_never_goes_through_the_tiny_builder(tmp_path, monkeypatch) -> None:
+    """A saved stand-in loaded as a checkpoint folder comes back with the same weights while the
+    tiny builder is out of reach."""
+    import btp.tiny
+
+    tiny = {"arch": "llama", "num_layers": 2, "d_model": 16, "d_ff": 16, "heads": 2, "kv_heads": 2}
+    built, tok = load_model_and_tokenizer({"name": "x", "kind": "causal_lm", "tiny": tiny}, "cpu")
+    built.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tiny builder ran for a real checkpoint")
+
+    monkeypatch.setattr(btp.tiny, "load_tiny", refuse)
+    monkeypatch.setattr(btp.tiny, "build_tiny_model", refuse)
+    loaded, _ = load_model_and_tokenizer({"name": "saved", "kind": "causal_lm",
+                                          "pretrained": str(tmp_path)}, "cpu")
+    ref = dict(built.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in loaded.named_parameters())
