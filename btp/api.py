@@ -7,12 +7,13 @@
     editor.save("my_edit")                            # adapter/ + run_config.json
     again = FactEditor.from_run("my_edit")           # or a finished run directory of run.py
 
-The model is one of ``config/model/*.yaml`` (with that file's values, e.g. the demo values of a
-``tiny-*`` stand-in) or any causal LM of a known family (:mod:`btp.families`) by hub id or local
-path, whose layers come from :meth:`btp.families.Family.default_layers`. The method is any
+The model is one of ``config/model/*.yaml`` (with its values in ``config/values/model/``, e.g.
+the demo values of a ``tiny-*`` stand-in) or any causal LM of a known family
+(:mod:`btp.families`) by hub id or local path, whose layers come from
+:meth:`btp.families.Family.default_layers`. The method is any
 registered editor (``melo`` by default; ``grace``, ``ft``, ``ft_ewc``, ``plain_lora``, ...), with
-the hyperparameters of ``config/experiment/counterfact.yaml`` (the fact-editing values) and the
-model file, then ``settings``. A fact is edited as the runner edits one
+the hyperparameters of ``config/values/experiment/counterfact.yaml`` (the fact-editing values)
+and the model's values, then ``settings``. A fact is edited as the runner edits one
 (:func:`btp.data.facts.fact_batch`), one fact per edit unless ``facts_per_edit`` says otherwise.
 
 Default for MELO that differs from the experiment files: ``key_position=last_prompt``, the last

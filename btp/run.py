@@ -43,7 +43,6 @@ def main(cfg: DictConfig) -> dict:
     try:
         try:
             btp.schema.check_known_keys(cfg)
-            runner.check_override_order(list(HydraConfig.get().overrides.task), cfg)
         except UserError:
             RunDir(HydraConfig.get().runtime.output_dir).restore_hydra()
             raise

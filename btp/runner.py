@@ -35,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -77,28 +77,6 @@ def plain(node: DictConfig) -> DictConfig:
     OmegaConf.set_struct(copy, True)
     OmegaConf.set_readonly(copy, True)
     return copy
-
-
-def check_override_order(overrides: Sequence[str], cfg: DictConfig) -> None:
-    """Refuse ``+model=tiny-*`` placed before ``+experiment=...`` on the command line.
-
-    A tiny model file sets demo hyperparameters (package ``_global_``); Hydra merges command-line
-    groups in the order given, so an experiment listed after it would silently put the
-    original's values back.
-    """
-    def index(group: str) -> int | None:
-        for i, o in enumerate(overrides):
-            key = o.split("=", 1)[0].lstrip("+~")
-            if key == group:
-                return i
-        return None
-
-    i_model, i_exp = index("model"), index("experiment")
-    if cfg.model.get("tiny") is not None and i_model is not None and i_exp is not None \
-            and i_model < i_exp:
-        raise ConfigError(
-            f"'{overrides[i_model]}' must come after '{overrides[i_exp]}' on the command line "
-            "(a tiny model sets demo hyperparameters that the experiment would otherwise reset)")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -484,4 +462,4 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
 
 
 __all__ = ["run", "validate", "build", "restore", "edit", "finish", "RunParts", "edit_batch_size",
-           "check_override_order", "pick_device", "UserError"]
+           "pick_device", "UserError"]

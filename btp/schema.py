@@ -8,7 +8,7 @@ any model or data is touched. Value ranges (sizes, lengths, rates, radii, steps,
 the device string) are in :data:`VALUE_RULES` at the end of this file (:func:`check_values`).
 
 Defaults of the algorithm sections are the original MELO values for the qa experiment; the
-``experiment/*.yaml`` files change only what differs per task ("experiments as deltas").
+``values/experiment/*.yaml`` files change only what differs per task ("experiments as deltas").
 
 Which algorithm reads which section (see :func:`alg_section`):
 ``melo`` -> ``melo``; ``grace`` -> ``grace``; ``ft`` -> ``ft``; ``ft_ewc`` -> ``ft`` merged with

@@ -227,8 +227,6 @@ CASES = [
          ("ewc.fisher_n_batches=0",)),
     Case("plain_lora.r=0", ("+alg=plain_lora", *QA[1:], "plain_lora.r=0"), ("plain_lora.r=0",)),
     Case("added unknown key", (*QA, "+melo.num_iters=3"), ("unknown config key", "melo.num_iters")),
-    Case("tiny model before experiment", ("+alg=lora", "+model=tiny-t5small", "+experiment=qa"),
-         ("+model=tiny-t5small", "must come after", "+experiment=qa")),
     Case("task/model kind mismatch", ("+alg=lora", "+experiment=scotus", "+model=tiny-t5small"),
          ("scotus", "classification")),
     Case("more batches than blocks", (*QA, "max_n_edits=20", "melo.num_block=1"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 import btp.schema  # noqa: F401  (registers the schema and the repo_path resolver)
 from btp.errors import ConfigError
-from btp.runner import check_override_order, validate
+from btp.runner import validate
 from btp.schema import alg_section, check_known_keys
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,17 +118,54 @@ def test_typo_in_a_yaml_file_fails_at_compose(tmp_path: Path) -> None:
         _compose("+alg=lora", "+experiment=typo", "+model=t5small", config_dir=config_dir)
 
 
-def test_tiny_model_must_follow_the_experiment() -> None:
-    good = ["+alg=lora", "+experiment=qa", "+model=tiny-t5small"]
-    cfg = _compose(*good)
-    check_override_order(good, cfg)
-    bad = ["+alg=lora", "+model=tiny-t5small", "+experiment=qa"]
-    cfg_bad = _compose(*bad)
-    assert cfg_bad.melo.init_radius == 75.0  # what the wrong order silently does
-    with pytest.raises(ConfigError, match="must come after"):
-        check_override_order(bad, cfg_bad)
-    real = ["+alg=lora", "+model=t5small", "+experiment=qa"]  # harmless for real models
-    check_override_order(real, _compose(*real))
+def _stems(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG / group).glob("*.yaml"))
+
+
+def test_command_line_groups_set_only_their_own_keys() -> None:
+    """What makes the order of +alg/+experiment/+model irrelevant: the files they select write
+    disjoint keys; the values that interact live in values/ (merged by config.yaml in a fixed
+    order)."""
+    for group, own in (("alg", {"alg"}), ("experiment", {"task"})):
+        for name in _stems(group):
+            keys = set(OmegaConf.load(CONFIG / group / f"{name}.yaml")) - {"defaults"}
+            assert keys <= own, (group, name, sorted(keys - own))
+    for name in _stems("model"):
+        text = (CONFIG / "model" / f"{name}.yaml").read_text()
+        assert "@package" not in text, name  # the default package: everything under model.*
+    for group, names in (("values/experiment", _stems("experiment")),
+                         ("values/model", _stems("model"))):
+        assert set(_stems(group)) <= set(names), group  # a values file nobody could select
+
+
+#: Orders of the three command-line groups (indices into (alg, experiment, model)).
+ORDERS = list(itertools.permutations(range(3)))
+
+
+def test_any_order_of_the_groups_composes_the_same() -> None:
+    """Every model, with an algorithm and an experiment of its kind (cycling through both), is
+    composed in the seed command's order and in one other (each of the five others in turn); the
+    first stand-in and SmolLM2 (models with values of their own) in all six orders. Each triple
+    validates."""
+    from btp.tasks import get_task
+
+    algs, experiments, models = _stems("alg"), _stems("experiment"), _stems("model")
+    task = {e: OmegaConf.load(CONFIG / "experiment" / f"{e}.yaml").task for e in experiments}
+    all_orders = {"tiny-gpt2xl", "smollm2-135m"}
+    assert all_orders <= set(models)
+    with initialize_config_dir(config_dir=str(CONFIG), version_base="1.3"):
+        for i, model in enumerate(models):
+            kind = OmegaConf.load(CONFIG / "model" / f"{model}.yaml").kind
+            fits = [e for e in experiments if kind in get_task(task[e]).model_kinds]
+            groups = [f"+alg={algs[i % len(algs)]}", f"+experiment={fits[i % len(fits)]}",
+                      f"+model={model}"]
+            cfg = compose("config", overrides=groups)
+            validate(cfg)
+            seed_order = OmegaConf.to_yaml(cfg)
+            orders = ORDERS[1:] if model in all_orders else [ORDERS[1 + i % (len(ORDERS) - 1)]]
+            for order in orders:
+                other = compose("config", overrides=[groups[k] for k in order])
+                assert OmegaConf.to_yaml(other) == seed_order, [groups[k] for k in order]
 
 
 def test_missing_groups_are_named() -> None:

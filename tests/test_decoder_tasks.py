@@ -174,7 +174,7 @@ def test_last_prompt_key_serves_the_prompt_asked_alone() -> None:
     from peft_melo import MeloConfig, get_melo_model
 
     torch.set_num_threads(1)
-    cfg = OmegaConf.load(CONFIG_DIR / "model" / "tiny-llama.yaml").model
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / "tiny-llama.yaml")
     model, tok = load_model_and_tokenizer(cfg, "cpu")
     melo = get_melo_model(model, MeloConfig(target_modules=list(cfg.target_modules),
                                             grace_layer=cfg.grace_layer, num_block=2,

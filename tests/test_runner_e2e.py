@@ -1,6 +1,6 @@
 """End-to-end: the seed's command form on the tiny models and the shipped sample, one per task.
 
-Each run uses the tiny model's demo hyperparameters (config/model/tiny-*.yaml) with a short
+Each run uses the tiny model's demo hyperparameters (config/values/model/tiny-*.yaml) with a short
 stream, and checks that edits are learned, upstream predictions are kept, and every output of a
 run is there: summary.json (keys), metrics.jsonl (one record per evaluation), adapter/, run.log.
 """

@@ -6,8 +6,9 @@ evaluation sets and their metric names, its headline metric and direction, and t
 the report requires.
 
 Adding a task: write ``btp/tasks/<name>.py`` (a loader and ``SPEC``), add its name to
-:data:`TASK_MODULES`, add ``config/experiment/<name>.yaml`` (``task: <name>`` and the values
-that differ from the schema's defaults), and tests (README, "Extending").
+:data:`TASK_MODULES`, add ``config/experiment/<name>.yaml`` (``task: <name>``) and
+``config/values/experiment/<name>.yaml`` (the values that differ from the schema's defaults), and
+tests (README, "Extending").
 """
 
 from __future__ import annotations
