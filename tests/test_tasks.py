@@ -49,6 +49,9 @@ def test_every_task_has_an_experiment_config_and_a_model(name: str) -> None:
     path = CONFIG / "experiment" / f"{spec.experiment}.yaml"
     assert path.is_file(), f"task {name}: no {path.relative_to(REPO)}"
     assert _yaml(path)["task"] == name
+    values = CONFIG / "values" / "experiment" / f"{spec.experiment}.yaml"
+    assert values.is_file(), f"task {name}: no {values.relative_to(REPO)} (its hyperparameters)"
+    assert "task" not in _yaml(values)
     assert set(spec.model_kinds) <= {k.value for k in ModelKind}
     kinds = {cfg.get("kind") for cfg in _model_configs().values()}
     assert set(spec.model_kinds) & kinds, f"task {name}: no config/model file of kind {spec.model_kinds}"
