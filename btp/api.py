@@ -160,7 +160,7 @@ class FactEditor:
         _set(cfg, "seed", int(seed))
         _set(cfg, "device", device)
         check_values(cfg)
-        if str(getattr(cfg.model.kind, "value", cfg.model.kind)) != "causal_lm":
+        if str(cfg.model.kind) != "causal_lm":
             raise ConfigError(f"model '{model}' is a {cfg.model.kind} model; the API edits causal LMs")
         torch.manual_seed(int(seed))
         dev = pick_device(device)

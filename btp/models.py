@@ -36,7 +36,6 @@ import logging
 import os
 import socket
 import urllib.parse
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from torch import nn
 
 from btp.errors import ConfigError, ModelLoadError
 from btp.families import FAMILIES
+from btp.schema import cfg_get
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,6 @@ _AUTO_CLASSES = {
 #: ``model.dtype`` values -> torch dtypes (the LoRA factors and the database stay in fp32).
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def _field(cfg: Any, key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
-    if isinstance(value, Enum):  # the schema's str Enums (ModelKind) -> plain strings
-        value = value.value
-    return default if value is None else value
 
 
 def zero_dropout(model: nn.Module) -> nn.Module:
@@ -148,20 +141,20 @@ def checkpoint_source(model_cfg: Any) -> tuple[str, str]:
     """``(model ident, tokenizer ident)`` of a real checkpoint: ``pretrained`` (hub id or
     folder), or the plain copy of the GGUF file that ``gguf_package`` ships (built on first use,
     :mod:`btp.packaged_models`)."""
-    package = _field(model_cfg, "gguf_package")
+    package = cfg_get(model_cfg, "gguf_package")
     if package:
         from btp.packaged_models import gguf_checkpoint
 
-        gguf_file = _field(model_cfg, "gguf_file")
+        gguf_file = cfg_get(model_cfg, "gguf_file")
         if not gguf_file:
-            raise ConfigError(f"model '{_field(model_cfg, 'name', '?')}': gguf_package is set but "
+            raise ConfigError(f"model '{cfg_get(model_cfg, 'name', '?')}': gguf_package is set but "
                               "gguf_file is not; name the GGUF file the package ships")
-        folder = str(gguf_checkpoint(str(package), str(gguf_file), _field(model_cfg, "cache_dir")))
-        return folder, str(_field(model_cfg, "tokenizer", folder))
-    ident = str(_field(model_cfg, "pretrained", "") or "")
+        folder = str(gguf_checkpoint(str(package), str(gguf_file), cfg_get(model_cfg, "cache_dir")))
+        return folder, str(cfg_get(model_cfg, "tokenizer", folder))
+    ident = str(cfg_get(model_cfg, "pretrained", "") or "")
     if not ident:
-        raise ConfigError(f"model '{_field(model_cfg, 'name', '?')}': no 'pretrained' and no 'tiny'")
-    return ident, str(_field(model_cfg, "tokenizer", ident))
+        raise ConfigError(f"model '{cfg_get(model_cfg, 'name', '?')}': no 'pretrained' and no 'tiny'")
+    return ident, str(cfg_get(model_cfg, "tokenizer", ident))
 
 
 def load_pretrained(model_cfg: Any, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -176,13 +169,13 @@ def load_pretrained(model_cfg: Any, seed: int = 0) -> tuple[nn.Module, Any]:
     """
     import transformers
 
-    kind = _field(model_cfg, "kind")
+    kind = str(cfg_get(model_cfg, "kind", ""))  # the schema's ModelKind, or a plain name
     ident, tok_ident = checkpoint_source(model_cfg)
     local = Path(ident).expanduser().exists()
     local_only = _offline() or (not local and not _hub_reachable())
     auto_cls = getattr(transformers, _AUTO_CLASSES[kind])
-    dtype = torch_dtype(_field(model_cfg, "dtype"))
-    device_map = _field(model_cfg, "device_map")
+    dtype = torch_dtype(cfg_get(model_cfg, "dtype"))
+    device_map = cfg_get(model_cfg, "device_map")
     try:
         config = transformers.AutoConfig.from_pretrained(ident, local_files_only=local_only)
     except Exception as e:  # noqa: BLE001 - any hub/IO failure means the same to the user
@@ -190,7 +183,7 @@ def load_pretrained(model_cfg: Any, seed: int = 0) -> tuple[nn.Module, Any]:
     for key, value in config.to_dict().items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)  # before init: some modules copy these floats at build time
-    num_labels = _field(model_cfg, "num_labels")
+    num_labels = cfg_get(model_cfg, "num_labels")
     new_head = kind == "classification" and bool(num_labels) and not any(
         str(a).endswith("ForSequenceClassification") for a in (config.architectures or []))
     if new_head:
@@ -241,22 +234,22 @@ def load_model_and_tokenizer(
         ConfigError: unknown kind, or a tiny section that names no known architecture.
         ModelLoadError: a real checkpoint that cannot be loaded (e.g. no network).
     """
-    kind = _field(model_cfg, "kind")
+    kind = str(cfg_get(model_cfg, "kind", ""))  # the schema's ModelKind, or a plain name
     if kind not in KINDS:
         raise ConfigError(f"model.kind must be one of {KINDS}, got '{kind}'")
-    tiny_section = _field(model_cfg, "tiny")
+    tiny_section = cfg_get(model_cfg, "tiny")
     if tiny_section is not None:
         from btp.tiny import load_tiny
 
         model, tokenizer, arch = load_tiny(
-            tiny_section, str(_field(model_cfg, "name", "")),
-            str(_field(model_cfg, "pretrained", "")), kind, _field(model_cfg, "num_labels"), seed)
+            tiny_section, str(cfg_get(model_cfg, "name", "")),
+            str(cfg_get(model_cfg, "pretrained", "")), kind, cfg_get(model_cfg, "num_labels"), seed)
         log.info("built tiny %s stand-in (%d parameters)", arch,
                  sum(p.numel() for p in model.parameters()))
     else:
         model, tokenizer = load_pretrained(model_cfg, seed)
-        if _field(model_cfg, "device_map"):
+        if cfg_get(model_cfg, "device_map"):
             return freeze(model, None), tokenizer  # accelerate placed it
         return freeze(model, device), tokenizer
-    dtype = torch_dtype(_field(model_cfg, "dtype"))
+    dtype = torch_dtype(cfg_get(model_cfg, "dtype"))
     return freeze(model.to(dtype), device), tokenizer

@@ -59,7 +59,7 @@ class MetricsLog:
                  wandb_id: str | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.wandb_run = None
-        mode = str(getattr(wandb_cfg.mode, "value", wandb_cfg.mode))
+        mode = str(wandb_cfg.mode)
         if mode != "disabled":
             import wandb  # imported only when asked for: slow import, optional service
 

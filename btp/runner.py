@@ -62,11 +62,6 @@ SUMMARY_KEYS = ("task", "alg", "model", "seed", "n_edits", "ES", "ERR", "TRR", "
                 "clusters", "conflicts", "forgotten", "edit_time_s")
 
 
-def _value(x: Any) -> Any:
-    """A str-Enum config value as its plain string."""
-    return getattr(x, "value", x)
-
-
 def plain(node: DictConfig) -> DictConfig:
     """A read-only copy of a config section with enum values as plain strings.
 
@@ -97,7 +92,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"model '{cfg.model.name}' does not set model.{key}")
     if cfg.alg.name not in EDITORS:
         raise ConfigError(f"unknown alg.name '{cfg.alg.name}'; registered: {sorted(EDITORS)}")
-    spec, kind = get_task(cfg.task), _value(cfg.model.kind)
+    spec, kind = get_task(cfg.task), str(cfg.model.kind)
     if kind not in spec.model_kinds:
         raise ConfigError(f"task '{spec.name}' needs a {spec.needs()} model but model "
                           f"'{cfg.model.name}' is {kind}; pick a matching +model")
@@ -166,7 +161,7 @@ def build_summary(cfg: DictConfig, state: LoopState) -> dict[str, Any]:
     """Final values: the last evaluation record, with run identity and the pre-edit record."""
     final = state.records[-1]
     summary: dict[str, Any] = {
-        "task": _value(cfg.task), "alg": cfg.alg.name, "model": cfg.model.name,
+        "task": str(cfg.task), "alg": cfg.alg.name, "model": cfg.model.name,
         "seed": cfg.seed, "n_edits": state.n_edits}
     for key in SUMMARY_KEYS[5:]:
         summary[key] = final.get(key)
@@ -240,7 +235,7 @@ def _run_locked(cfg: DictConfig, rundir: RunDir, progress: bool, start: float) -
     """The body of :func:`run`, with the run dir locked."""
     run_dir = rundir.path
     rundir.remove_stale_tmp()
-    task = _value(cfg.task)
+    task = str(cfg.task)
     config = resolved_config(cfg)
     identity = {"task": task, "alg": cfg.alg.name, "model": cfg.model.name, "seed": cfg.seed}
     ckpt_dir = run_dir / "checkpoint"
@@ -334,7 +329,7 @@ def build(cfg: DictConfig, run_dir: Path) -> RunParts:
                           cfg.model.num_labels)
     model_cfg = plain(cfg.model)
     model, tokenizer = load_model_and_tokenizer(model_cfg, device, seed=cfg.seed)
-    if _value(cfg.model.kind) == "classification":
+    if str(cfg.model.kind) == "classification":
         check_labels(data, int(model.config.num_labels), str(cfg.model.name))
     collate = Collator(tokenizer, spec.name, cfg.data.max_length, cfg.data.label_max_length)
     eval_bs = cfg.eval.batch_size or cfg.num_edit_per_block

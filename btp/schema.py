@@ -20,10 +20,11 @@ absent one (MELO) means ``num_edit_per_block``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -47,13 +48,23 @@ if not OmegaConf.has_resolver("repo_path"):
     OmegaConf.register_new_resolver("repo_path", _repo_path)
 
 
+class Choice(str, Enum):
+    """A str Enum of the schema whose ``str()`` and format are its value (``"padded"``, not
+    ``KeyPosition.padded``), so that code and messages read a choice as the string it is."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
 #: The registered tasks (:mod:`btp.tasks`, one module each): ``task`` must name one, which Hydra
 #: checks when it composes the config.
-Task = Enum("Task", {name: name for name in task_names()}, type=str, module=__name__,
-            qualname="Task")
+Task = Choice("Task", {name: name for name in task_names()}, module=__name__, qualname="Task")
 
 
-class ModelKind(str, Enum):
+class ModelKind(Choice):
     """How the model is called: generation (T5), classification (BERT), causal LM (GPT-2)."""
 
     seq2seq = "seq2seq"
@@ -61,7 +72,7 @@ class ModelKind(str, Enum):
     causal_lm = "causal_lm"
 
 
-class KeyPosition(str, Enum):
+class KeyPosition(Choice):
     """Which token's activation is the key: the original's last padded position, or a switch."""
 
     padded = "padded"
@@ -69,19 +80,19 @@ class KeyPosition(str, Enum):
     last_prompt = "last_prompt"  # causal LM: the last prompt token (an edit and its prompt alone agree)
 
 
-class LabelMatch(str, Enum):
+class LabelMatch(Choice):
     """Original label equality (sum of label ids, a hash with collisions) or exact comparison."""
 
     sum = "sum"
     exact = "exact"
 
 
-class Optim(str, Enum):
+class Optim(Choice):
     adam = "adam"
     sgd = "sgd"
 
 
-class WandbMode(str, Enum):
+class WandbMode(Choice):
     disabled = "disabled"
     offline = "offline"
     online = "online"
@@ -358,6 +369,70 @@ ALG_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read ``key`` from a dataclass, dict or OmegaConf node; ``default`` when absent or None.
+
+    For keys whose null means "the reader's own choice" (``model.wise_layer``, a loader's file
+    name); a section with schema defaults is read with :func:`read_section`.
+    """
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        value = cfg.get(key, default)
+    else:
+        try:
+            value = getattr(cfg, key)
+        except Exception:  # noqa: BLE001 - AttributeError, or OmegaConf's struct-key errors
+            value = default
+    return default if value is None else value
+
+
+S = TypeVar("S")
+
+
+def read_section(cls: type[S], cfg: Any = None) -> S:
+    """A section of the config as its schema dataclass: ``cfg``'s values over ``cls``'s defaults.
+
+    The schema is the one place that holds each default; editors and loaders read their section
+    through this instead of writing a fallback of their own.
+
+    Args:
+        cls: the section's dataclass (``MeloCfg``, ``WiseCfg``, ``DataCfg``, ...).
+        cfg: the composed section (a ``DictConfig``), a plain mapping with some of its keys, an
+            instance of ``cls``, or ``None`` (every default). Keys that are not fields of ``cls``
+            are left out: an algorithm's merged section (:func:`alg_section`; plain LoRA's holds
+            MELO's keys too) is read by each dataclass it combines.
+
+    Returns:
+        A ``cls`` instance; values are converted and checked as at compose time (choice fields
+        hold :class:`Choice` members, which compare equal to their strings).
+
+    Raises:
+        btp.errors.ConfigError: a value of the wrong type (naming the key).
+    """
+    from omegaconf.errors import ValidationError
+
+    from btp.errors import ConfigError
+
+    if isinstance(cfg, cls):
+        return cfg
+    if cfg is None:
+        given: dict[str, Any] = {}
+    elif isinstance(cfg, DictConfig):
+        given = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    elif is_dataclass(cfg):
+        given = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    else:
+        given = dict(cfg)
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls),
+                                 {k: v for k, v in given.items() if k in names})
+    except ValidationError as e:
+        raise ConfigError(f"bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from e
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
 def alg_section(cfg: DictConfig) -> DictConfig:
     """The config section the selected algorithm reads (``ft_ewc``: ``ft`` merged with ``ewc``).
 
@@ -395,7 +470,7 @@ def check_known_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown config key '{e.full_key}': not declared in btp/schema.py "
                           "(check the spelling; see config/config.yaml)") from e
     except ValidationError as e:
-        raise ConfigError(f"bad value for '{e.full_key}': {e.msg}") from e
+        raise ConfigError(f"bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from e
 
 
 # -- value ranges -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from btp.editors.ewc import fisher_and_anchor
 from btp.editors.ft import FtEditor, FtEwcEditor, labels_predicted
 from btp.editors.plain_lora import PlainLoraEditor, lora_rank
 from btp.errors import ConfigError
+from btp.schema import MeloCfg
 from tests.test_baselines_tiny import (  # noqa: F401 - one_thread is a fixture
     causal_batch,
     cls_batch,
@@ -223,10 +224,11 @@ def test_ft_ewc_state_round_trip(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------ plain LoRA
 def test_lora_rank_default_is_melo_total_rank() -> None:
-    assert lora_rank({"r": None, "num_block": 20, "num_rank_per_block": 2}) == 40
+    assert lora_rank({"r": None, "num_block": 10, "num_rank_per_block": 3}) == 30
     assert lora_rank({"r": 8}) == 8
+    assert lora_rank({"r": None}) == MeloCfg.num_block * MeloCfg.num_rank_per_block  # schema's
     with pytest.raises(ConfigError, match="plain_lora.r"):
-        lora_rank({"r": None})
+        lora_rank({"r": 0})
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDS))

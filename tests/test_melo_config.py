@@ -78,3 +78,46 @@ def test_non_linear_target_is_refused() -> None:
     cfg = MeloConfig(target_modules=["encoder.block.5.layer.1.layer_norm"], grace_layer=T5.grace_layer)
     with pytest.raises(TypeError, match="MELO supports nn.Linear and Conv1D"):
         get_melo_model(T5.build(), cfg)
+
+
+#: MeloConfig fields the runner does not take from the ``melo`` section, and why.
+ADAPTER_ONLY = {
+    "target_modules": "the model section's target_modules (per model, not per method)",
+    "grace_layer": "the model section's grace_layer (per model, not per method)",
+    "fan_in_fan_out": "detected by peft_melo from the target layers (GPT-2's Conv1D)",
+}
+#: ``melo`` section keys MeloConfig does not have (read by the runner only), and why.
+RUNNER_ONLY: dict[str, str] = {}
+
+
+def test_schema_melo_section_and_melo_config_agree() -> None:
+    """``btp.schema.MeloCfg`` (the ``melo`` section) and ``peft_melo.MeloConfig`` declare the same
+    hyperparameters with the same defaults, so that neither can drift from the other."""
+    from dataclasses import fields
+    from enum import Enum
+
+    from peft.config import PeftConfig
+
+    from btp.schema import MeloCfg
+
+    base = {f.name for f in fields(PeftConfig)}
+    adapter = {f.name: f.default for f in fields(MeloConfig) if f.name not in base}
+    schema = {f.name: f.default for f in fields(MeloCfg)}
+    assert set(ADAPTER_ONLY) <= set(adapter) - set(schema)  # the lists above are current
+    assert set(RUNNER_ONLY) <= set(schema) - set(adapter)
+    assert set(schema) - set(RUNNER_ONLY) == set(adapter) - set(ADAPTER_ONLY)
+    for name in set(schema) - set(RUNNER_ONLY):
+        default = schema[name].value if isinstance(schema[name], Enum) else schema[name]
+        assert adapter[name] == default, (name, adapter[name], default)
+
+
+def test_melo_editor_config_is_the_section_with_schema_defaults() -> None:
+    """A partial ``melo`` section is completed with the schema's defaults, and every section key
+    reaches MeloConfig (choices as plain strings)."""
+    from btp.editors.melo import melo_config
+    from btp.schema import MeloCfg
+
+    config = melo_config({"num_iter": 7, "key_position": "last_real"}, GOOD)
+    assert config.num_iter == 7 and config.key_position == "last_real"
+    assert type(config.key_position) is str and type(config.optimizer) is str
+    assert config.init_radius == MeloCfg.init_radius and config.num_block == MeloCfg.num_block

@@ -52,16 +52,15 @@ from pathlib import Path
 from typing import Any
 
 from btp.data.collate import Collator, batched, lazy_batches
-from btp.data.common import TaskData, cfg_get
+from btp.data.common import TaskData
 from btp.errors import DataError
+from btp.schema import DataCfg, cfg_get, read_section
 from btp.tasks import LoadArgs, find_task, task_names
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TaskData", "Collator", "load_task_data", "check_labels", "batched", "lazy_batches"]
 
-#: Upstream records when ``n_upstream`` is absent (null keeps them all).
-DEFAULT_N_UPSTREAM = 1000
 
 
 def load_task_data(
@@ -84,21 +83,18 @@ def load_task_data(
             record (file and line: not UTF-8, not JSON, a field of the wrong type, an empty
             question/answer/text, a label outside the label set), or an unusable option value.
     """
-    task = str(getattr(task, "value", task))  # a str Enum from the schema -> its plain value
+    task = str(task)  # a name, or the schema's Task (whose str() is its value)
     data_dir = Path(data_dir)
+
+    # A missing key takes the schema's default; null keeps its meaning (a loader's own default,
+    # or for n_upstream every upstream record: scotus's whole train split, as the original).
+    data_cfg = read_section(DataCfg, data_cfg)
 
     def get(key: str, default: Any) -> Any:
         return cfg_get(data_cfg, key, default)
 
-    # Absent: 1000; null: every upstream record (scotus: the whole train split, as the original).
-    if data_cfg is None:
-        n_upstream = DEFAULT_N_UPSTREAM
-    elif isinstance(data_cfg, dict):
-        n_upstream = data_cfg.get("n_upstream", DEFAULT_N_UPSTREAM)
-    else:
-        n_upstream = getattr(data_cfg, "n_upstream", DEFAULT_N_UPSTREAM)
-    if n_upstream is not None and (isinstance(n_upstream, bool) or not isinstance(n_upstream, int)
-                                   or n_upstream < 1):
+    n_upstream = data_cfg.n_upstream
+    if n_upstream is not None and n_upstream < 1:
         raise DataError(f"data.n_upstream={n_upstream!r}: use an integer >= 1 (or null for all)")
     if max_n_edits is not None and (isinstance(max_n_edits, bool)
                                     or not isinstance(max_n_edits, int) or max_n_edits < 1):

@@ -49,7 +49,7 @@ class Collator:
         max_length: int | None = None,
         label_max_length: int | None = None,
     ) -> None:
-        kind = str(getattr(kind, "value", kind))  # a str Enum from the schema -> plain value
+        kind = str(kind)  # a name, or the schema's ModelKind (whose str() is its value)
         spec = find_task(kind)
         kind = spec.collate if spec is not None else kind
         if kind not in COLLATE_KINDS:

@@ -56,21 +56,6 @@ class TaskData:
         }
 
 
-def cfg_get(cfg: Any, key: str, default: Any) -> Any:
-    """Read ``cfg.key`` from a DictConfig, dataclass, dict or ``None``; ``None`` means default.
-
-    ``getattr`` with a default also covers OmegaConf struct configs, whose missing-key error is
-    an ``AttributeError`` subclass.
-    """
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
 def resolve(data_dir: Path, name: str | Path) -> Path:
     """A data file path: absolute paths as given, relative ones under ``data_dir``."""
     path = Path(name)

@@ -163,10 +163,11 @@ def load_nq(path: Path, n_upstream: int | None) -> list[Record]:
 def load_qa(
     data_cfg: Any, data_dir: Path, n_edits: int, n_upstream: int | None, get: Any
 ) -> tuple[list[Record], list[Record], list[Record]]:
-    """Edits, holdout and upstream for the qa task; ``get(key, default)`` reads ``data_cfg``."""
-    fmt = str(get("zsre_format", "mend")).lower()
-    seed = int(get("edit_permutation_seed", 42))
-    swap = bool(get("zsre_holdout_swap_bug", False))
+    """Edits, holdout and upstream for the qa task from ``data_cfg`` (``schema.DataCfg``);
+    ``get(key, default)`` reads its keys whose null means this loader's default."""
+    fmt = data_cfg.zsre_format.lower()
+    seed = data_cfg.edit_permutation_seed
+    swap = data_cfg.zsre_holdout_swap_bug
     if fmt == "mend":
         path = require_file(data_dir / get("zsre_file", "zsre_train.jsonl"), "zsRE (MEND form)")
         edits, holdout = select_mend(path, n_edits, seed, swap)

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from btp.editors.base import register_editor
-from btp.editors.common import cfg_get
 from btp.editors.memit import MemitEditor
 from btp.errors import ConfigError
+from btp.schema import AlphaEditCfg
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,13 @@ class AlphaEditEditor(MemitEditor):
     """MEMIT's update projected onto the null space of the preserved keys."""
 
     section = "alphaedit"
+    section_cls = AlphaEditCfg
 
     def __init__(self, model: nn.Module, alg_cfg: Any, model_cfg: Any,
                  upstream_batches: Callable[[], Any] | None = None, **kw: Any) -> None:
         super().__init__(model, alg_cfg, model_cfg, upstream_batches, **kw)
-        self.threshold = float(cfg_get(alg_cfg, "nullspace_threshold", 2e-2))
-        self.l2 = float(cfg_get(alg_cfg, "L2", 10.0))
+        self.threshold = self.settings.nullspace_threshold
+        self.l2 = self.settings.L2
         self.proj: dict[str, torch.Tensor] = {}
         self.cache: dict[str, torch.Tensor] = {}
 

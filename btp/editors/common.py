@@ -22,30 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from btp.errors import ConfigError
+from btp.schema import cfg_get  # noqa: F401  (the editors read model sections with it)
 
 log = logging.getLogger(__name__)
-
-
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from a dataclass, dict or OmegaConf node; ``default`` when absent or None."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        try:
-            value = getattr(cfg, key)
-        except (AttributeError, KeyError):  # OmegaConf struct nodes raise on unknown keys
-            value = default
-        except Exception:  # noqa: BLE001 - omegaconf.errors.ConfigAttributeError and friends
-            value = default
-    return default if value is None else value
-
-
-def cfg_str(cfg: Any, key: str, default: str) -> str:
-    """A string setting; str Enums (the schema's choices) give their value, not ``Cls.member``."""
-    value = cfg_get(cfg, key, default)
-    return str(getattr(value, "value", value))
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -45,8 +45,6 @@ from torch import nn
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (
     ERROR_FILTERS,
-    cfg_get,
-    cfg_str,
     check_choice,
     frozen_prefix,
     get_module,
@@ -62,6 +60,7 @@ from btp.editors.common import (
 from btp.editors.ewc import EWCPenalty, fisher_and_anchor
 from btp.editors.grace import default_grace_layer
 from btp.errors import ConfigError
+from btp.schema import EwcCfg, FtCfg, read_section
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +110,13 @@ class FtEditor(Editor):
         # Only the weight (the repository's inner_params name ``<layer>.weight``), not the bias.
         self.params: dict[str, nn.Parameter] = {f"{self.layer_name}.weight": weight}
         self.kind = model_kind(model)
-        self.num_iter = int(cfg_get(alg_cfg, "num_iter", 100))
-        self.cache_frozen_prefix = bool(cfg_get(alg_cfg, "cache_frozen_prefix", True))
-        self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1e-2))
-        self.optimizer = check_choice("ft", "optimizer", cfg_str(alg_cfg, "optimizer", "adam"),
-                                      OPTIMIZERS)
-        self.early_stop = check_choice("ft", "early_stop",
-                                       cfg_str(alg_cfg, "early_stop", "original"), EARLY_STOPS)
-        self.error_filter = check_choice("ft", "error_filter",
-                                         cfg_str(alg_cfg, "error_filter", "original"), ERROR_FILTERS)
+        self.settings = s = read_section(FtCfg, alg_cfg)
+        self.num_iter = s.num_iter
+        self.cache_frozen_prefix = s.cache_frozen_prefix
+        self.edit_lr = s.edit_lr
+        self.optimizer = check_choice("ft", "optimizer", str(s.optimizer), OPTIMIZERS)
+        self.early_stop = check_choice("ft", "early_stop", s.early_stop, EARLY_STOPS)
+        self.error_filter = check_choice("ft", "error_filter", s.error_filter, ERROR_FILTERS)
         self.skipped = 0  # records the filter left unedited (the model already got them right)
         log.info("%s trains %s (Adam lr %g, at most %d steps, early_stop=%s, error_filter=%s)",
                  self.name, ", ".join(self.params), self.edit_lr, self.num_iter, self.early_stop,
@@ -233,12 +230,13 @@ class FtEwcEditor(FtEditor):
     def __init__(self, model: nn.Module, alg_cfg: Any, model_cfg: Any,
                  upstream_batches: Callable[[], Any] | None = None, **kw: Any) -> None:
         super().__init__(model, alg_cfg, model_cfg, upstream_batches, **kw)
-        self.lambda_ = float(cfg_get(alg_cfg, "lambda_", 0.1))
-        self.fisher_n_batches = int(cfg_get(alg_cfg, "fisher_n_batches", 10))
+        ewc = read_section(EwcCfg, alg_cfg)
+        self.lambda_ = ewc.lambda_
+        self.fisher_n_batches = ewc.fisher_n_batches
         if self.fisher_n_batches < 1:
             raise ConfigError("ewc.fisher_n_batches must be >= 1")
-        self.fisher_cumulative = bool(cfg_get(alg_cfg, "fisher_cumulative", True))
-        self.anchor_sum_bug = bool(cfg_get(alg_cfg, "anchor_sum_bug", False))
+        self.fisher_cumulative = ewc.fisher_cumulative
+        self.anchor_sum_bug = ewc.anchor_sum_bug
         # The edited batches, oldest first; only the last fisher_n_batches are kept.
         self.history: list[dict[str, torch.Tensor]] = []
         self.ewc: EWCPenalty | None = None

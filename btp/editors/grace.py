@@ -84,7 +84,6 @@ from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (
     ERROR_FILTERS,
     cfg_get,
-    cfg_str,
     check_choice,
     get_module,
     layer_dims,
@@ -99,6 +98,7 @@ from btp.editors.common import (
 )
 from btp.errors import ConfigError
 from btp.families import family_of_model_type
+from btp.schema import GraceCfg, read_section
 
 log = logging.getLogger(__name__)
 
@@ -488,23 +488,22 @@ class GraceEditor(Editor):
         self.layer_name = default_grace_layer(model, alg_cfg, model_cfg)
         layer = get_module(model, self.layer_name)
         self.kind = model_kind(model)
+        self.settings = s = read_section(GraceCfg, alg_cfg)
         self.codebook = GraceCodebook(
             layer,
-            init_radius=float(cfg_get(alg_cfg, "init_radius", 1.0)),
-            replacement=cfg_str(alg_cfg, "replacement", "replace_prompt"),
-            key_position=cfg_str(alg_cfg, "key_position", "auto"),
-            key_id=int(cfg_get(alg_cfg, "key_id", -1)),
-            label_match=cfg_str(alg_cfg, "label_match", "mean"),
-            eps_expand=cfg_str(alg_cfg, "eps_expand", "coverage"),
-            val_train=cfg_str(alg_cfg, "val_train", "sgd"),
+            init_radius=s.init_radius,
+            replacement=s.replacement,
+            key_position=s.key_position,
+            key_id=s.key_id,
+            label_match=s.label_match,
+            eps_expand=s.eps_expand,
+            val_train=s.val_train,
             kind=self.kind,
         )
-        self.val_init = check_choice("grace", "val_init", cfg_str(alg_cfg, "val_init", "cold"),
-                                     VAL_INITS)
-        self.error_filter = check_choice("grace", "error_filter",
-                                         cfg_str(alg_cfg, "error_filter", "original"), ERROR_FILTERS)
-        self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1.0))
-        self.num_iter = int(cfg_get(alg_cfg, "num_iter", 100))
+        self.val_init = check_choice("grace", "val_init", s.val_init, VAL_INITS)
+        self.error_filter = check_choice("grace", "error_filter", s.error_filter, ERROR_FILTERS)
+        self.edit_lr = s.edit_lr
+        self.num_iter = s.num_iter
         self.is_seq2seq = self.kind == "seq2seq"
         self.skipped = 0  # records the filter left unedited (the model already got them right)
         log.info("GRACE wraps %s (key dim %d, value dim %d), replacement=%s, key=%s, "

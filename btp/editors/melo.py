@@ -8,6 +8,8 @@ edit batches than there are blocks before the first edit (the original crashed m
 
 from __future__ import annotations
 
+from dataclasses import fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.errors import ConfigError
+from btp.schema import MeloCfg, cfg_get, read_section
 from peft_melo import MeloConfig, MeloModel, get_melo_model
 
 
@@ -25,37 +28,23 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _str(x: Any) -> str:
-    return str(getattr(x, "value", x))
-
-
 def melo_config(alg_cfg: Any, model_cfg: Any) -> MeloConfig:
-    """``MeloConfig`` from the ``melo`` section and the model section.
+    """``MeloConfig`` from the ``melo`` section (every field of ``schema.MeloCfg``, choices as
+    plain strings) and the model section (``target_modules``, ``grace_layer``).
 
     ``fan_in_fan_out`` is left to peft_melo, which detects GPT-2's Conv1D targets itself.
 
     Raises:
         ConfigError: a value MeloConfig rejects (its message says which and what to use).
     """
+    section = read_section(MeloCfg, alg_cfg)
+    values = {f.name: getattr(section, f.name) for f in fields(MeloCfg)}
+    values = {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
     try:
-        return MeloConfig(
-            target_modules=list(model_cfg.target_modules),
-            grace_layer=str(model_cfg.grace_layer),
-            num_block=int(alg_cfg.num_block),
-            num_rank_per_block=int(alg_cfg.num_rank_per_block),
-            init_radius=float(alg_cfg.init_radius),
-            key_id=int(alg_cfg.key_id),
-            key_position=_str(alg_cfg.key_position),
-            label_match=_str(alg_cfg.label_match),
-            lora_dropout=float(alg_cfg.lora_dropout),
-            num_iter=int(alg_cfg.num_iter),
-            edit_lr=float(alg_cfg.edit_lr),
-            optimizer=_str(alg_cfg.optimizer),
-            lr_step_size=int(alg_cfg.lr_step_size),
-            lr_gamma=float(alg_cfg.lr_gamma),
-            cache_frozen_prefix=bool(alg_cfg.cache_frozen_prefix),
-            base_model_name_or_path=base_model_name(model_cfg),
-        )
+        targets = cfg_get(model_cfg, "target_modules")
+        return MeloConfig(target_modules=list(targets) if targets is not None else None,
+                          grace_layer=cfg_get(model_cfg, "grace_layer"),
+                          base_model_name_or_path=base_model_name(model_cfg), **values)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"melo: {e}") from e
 
@@ -64,10 +53,9 @@ def base_model_name(model_cfg: Any) -> str | None:
     """What the adapter's ``base_model_name_or_path`` records: the real checkpoint (hub id or
     path), or the stand-in's name for a tiny model (its ``pretrained`` only names what it
     stands for)."""
-    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
-    if get("tiny", None) is not None:
-        return str(get("name", None) or "") or None
-    return str(get("pretrained", None) or get("name", None) or "") or None
+    if cfg_get(model_cfg, "tiny") is not None:
+        return str(cfg_get(model_cfg, "name", "")) or None
+    return str(cfg_get(model_cfg, "pretrained") or cfg_get(model_cfg, "name", "")) or None
 
 
 @register_editor("melo")

@@ -62,6 +62,7 @@ from btp.editors.lm_edit import (Capture, add_at_positions, add_out_in, block_of
                                  strings_to_tensor, templated_batch, tensor_to_strings,
                                  weight_fingerprint)
 from btp.errors import ConfigError
+from btp.schema import MemitCfg, read_section
 from btp.tasks import fact_tasks, names_phrase
 from peft_melo.prefix_cache import FrozenPrefixCache
 
@@ -219,8 +220,9 @@ def memit_delta(resid: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor,
 class MemitEditor(Editor):
     """MEMIT: closed-form updates of the FFN output projections of a range of layers."""
 
-    #: The section name in messages (AlphaEdit shares this class's steps).
+    #: The section name in messages (AlphaEdit shares this class's steps) and its dataclass.
     section = "memit"
+    section_cls: type[MemitCfg] = MemitCfg
 
     def __init__(self, model: nn.Module, alg_cfg: Any, model_cfg: Any,
                  upstream_batches: Callable[[], Any] | None = None, **_: Any) -> None:
@@ -229,20 +231,21 @@ class MemitEditor(Editor):
             raise ConfigError(f"{self.name} edits decoder-only LMs (+experiment="
                               f"{names_phrase(fact_tasks())}); model "
                               f"'{cfg_get(model_cfg, 'name', '?')}' is {model_kind(model)}")
-        layers = cfg_get(alg_cfg, "layers") or cfg_get(model_cfg, "memit_layers")
+        self.settings = p = read_section(self.section_cls, alg_cfg)
+        layers = p.layers or cfg_get(model_cfg, "memit_layers")
         self.layers = [str(x) for x in layers] if layers else default_memit_layers(model)
         self.modules = {n: linear_module(model, n) for n in self.layers}
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.layers.sort(key=lambda n: order[n])
         self.z_block = block_of(self.layers[-1])
-        self.v_num_grad_steps = int(cfg_get(alg_cfg, "v_num_grad_steps", 25))
-        self.v_lr = float(cfg_get(alg_cfg, "v_lr", 0.1))
-        self.v_weight_decay = float(cfg_get(alg_cfg, "v_weight_decay", 0.5))
-        self.clamp_norm_factor = float(cfg_get(alg_cfg, "clamp_norm_factor", 0.75))
-        self.mom2_update_weight = float(cfg_get(alg_cfg, "mom2_update_weight", 15000.0))
-        self.use_templates = bool(cfg_get(alg_cfg, "context_templates", True))
-        self.stats_n_samples = int(cfg_get(alg_cfg, "stats_n_samples", 100000))
-        self.stats_max_length = cfg_get(alg_cfg, "stats_max_length")
+        self.v_num_grad_steps = p.v_num_grad_steps
+        self.v_lr = p.v_lr
+        self.v_weight_decay = p.v_weight_decay
+        self.clamp_norm_factor = p.clamp_norm_factor
+        self.mom2_update_weight = p.mom2_update_weight
+        self.use_templates = p.context_templates
+        self.stats_n_samples = p.stats_n_samples
+        self.stats_max_length = p.stats_max_length
         self.model_name = str(cfg_get(model_cfg, "name", type(model).__name__))
         self.mom2: dict[str, torch.Tensor] = {}
         self.templates: list[str] = ["{}"]
@@ -253,7 +256,7 @@ class MemitEditor(Editor):
     def attach_tokenizer(self, tokenizer: Any, data_dir: Path) -> None:
         """Read (or compute and cache) the layers' key statistics and build the templates."""
         self.tokenizer = tokenizer
-        corpus = Path(str(cfg_get(self.alg_cfg, "stats_corpus", "openwebtext"))).expanduser()
+        corpus = Path(self.settings.stats_corpus).expanduser()
         if not corpus.is_absolute():
             corpus = Path(data_dir) / corpus
         if not corpus.exists():
@@ -263,7 +266,7 @@ class MemitEditor(Editor):
         self.mom2 = layer_second_moments(
             self.base_model, tokenizer, self.layers, model_name=self.model_name, corpus=corpus,
             n_samples=self.stats_n_samples, max_length=self.stats_max_length,
-            stats_dir=cfg_get(self.alg_cfg, "stats_dir"))
+            stats_dir=self.settings.stats_dir)
         if self.use_templates:
             gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
             self.templates = context_templates(self.base_model, tokenizer, MEMIT_SEEDS,

@@ -29,6 +29,7 @@ from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (cfg_get, frozen_prefix, is_conv1d, model_device, model_inputs,
                                 resolve_target_modules, to_device)
 from btp.errors import ConfigError
+from btp.schema import MeloCfg, PlainLoraCfg, read_section
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,15 @@ META_NAME = "plain_lora.json"
 
 
 def lora_rank(alg_cfg: Any) -> int:
-    """``r``, else MELO's total rank ``num_block * num_rank_per_block``."""
-    r = cfg_get(alg_cfg, "r")
+    """``r``, else MELO's total rank ``num_block * num_rank_per_block`` (``alg_cfg`` is the merged
+    ``melo`` + ``plain_lora`` section; keys it lacks take the schema's defaults)."""
+    r = read_section(PlainLoraCfg, alg_cfg).r
     if r is None:
-        nb, nr = cfg_get(alg_cfg, "num_block"), cfg_get(alg_cfg, "num_rank_per_block")
-        if nb is None or nr is None:
-            raise ConfigError("plain_lora.r is null and MELO's num_block/num_rank_per_block are "
-                              "not available to derive it; set plain_lora.r=<rank>")
-        r = int(nb) * int(nr)
-    if int(r) < 1:
+        melo = read_section(MeloCfg, alg_cfg)
+        r = melo.num_block * melo.num_rank_per_block
+    if r < 1:
         raise ConfigError(f"plain_lora.r must be >= 1, got {r}")
-    return int(r)
+    return r
 
 
 def lora_config(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> LoraConfig:
@@ -57,10 +56,10 @@ def lora_config(model: nn.Module, alg_cfg: Any, model_cfg: Any) -> LoraConfig:
         raise ConfigError("plain_lora: target_modules mix Conv1D and Linear layers; "
                           "peft needs one fan_in_fan_out setting")
     r = lora_rank(alg_cfg)
-    alpha = cfg_get(alg_cfg, "alpha")
+    alpha = read_section(PlainLoraCfg, alg_cfg).alpha
     return LoraConfig(
         r=r,
-        lora_alpha=float(alpha) if alpha is not None else float(r),
+        lora_alpha=alpha if alpha is not None else float(r),
         target_modules=sorted(targets),  # full paths: peft matches them exactly
         lora_dropout=0.0,
         bias="none",
@@ -81,9 +80,10 @@ class PlainLoraEditor(Editor):
         self.lora_params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
         for p in self.lora_params:
             p.requires_grad_(True)
-        self.num_iter = int(cfg_get(alg_cfg, "num_iter", 50))
-        self.cache_frozen_prefix = bool(cfg_get(alg_cfg, "cache_frozen_prefix", True))
-        self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1e-2))
+        params = read_section(PlainLoraCfg, alg_cfg)
+        self.num_iter = params.num_iter
+        self.cache_frozen_prefix = params.cache_frozen_prefix
+        self.edit_lr = params.edit_lr
         log.info("plain LoRA: r=%d alpha=%g on %d modules (%d trainable tensors)", self.config.r,
                  self.config.lora_alpha, len(self.config.target_modules), len(self.lora_params))
 

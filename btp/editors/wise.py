@@ -67,6 +67,7 @@ from btp.editors.lm_edit import (context_templates, decode_facts, default_wise_l
                                  linear_module, linear_with, passages, read_corpus,
                                  strings_to_tensor, templated_batch, tensor_to_strings)
 from btp.errors import ConfigError
+from btp.schema import WiseCfg, read_section
 from btp.tasks import fact_tasks, names_phrase
 from peft_melo.prefix_cache import FrozenPrefixCache
 
@@ -210,28 +211,29 @@ class WiseEditor(Editor):
             raise ConfigError(f"wise edits decoder-only LMs (+experiment="
                               f"{names_phrase(fact_tasks())}); "
                               f"model '{cfg_get(model_cfg, 'name', '?')}' is {model_kind(model)}")
-        self.layer_name = str(cfg_get(alg_cfg, "layer") or cfg_get(model_cfg, "wise_layer")
+        self.settings = p = read_section(WiseCfg, alg_cfg)
+        self.layer_name = str(p.layer or cfg_get(model_cfg, "wise_layer")
                               or default_wise_layer(model))
         self.layer = linear_module(model, self.layer_name)
-        self.mask_ratio = float(cfg_get(alg_cfg, "mask_ratio", 0.2))
-        self.edit_lr = float(cfg_get(alg_cfg, "edit_lr", 1.0))
-        self.num_iter = int(cfg_get(alg_cfg, "num_iter", 70))
-        self.norm_constraint = cfg_get(alg_cfg, "norm_constraint", 1.0)
-        margins = list(cfg_get(alg_cfg, "act_margin", [5.0, 20.0, 10.0]))
+        self.mask_ratio = p.mask_ratio
+        self.edit_lr = p.edit_lr
+        self.num_iter = p.num_iter
+        self.norm_constraint = p.norm_constraint
+        margins = list(p.act_margin)
         if len(margins) != 3:
             raise ConfigError(f"wise.act_margin must be [alpha, beta, gamma], got {margins}")
-        self.alpha, self.beta, self.gamma = (float(m) for m in margins)
-        self.act_ratio = float(cfg_get(alg_cfg, "act_ratio", 0.88))
-        self.save_freq = int(cfg_get(alg_cfg, "save_freq", 500))
-        self.merge_freq = int(cfg_get(alg_cfg, "merge_freq", 1000))
+        self.alpha, self.beta, self.gamma = margins
+        self.act_ratio = p.act_ratio
+        self.save_freq = p.save_freq
+        self.merge_freq = p.merge_freq
         if self.merge_freq % self.save_freq:
             raise ConfigError(f"wise.merge_freq ({self.merge_freq}) must be a multiple of "
                               f"wise.save_freq ({self.save_freq})")
-        self.densities = float(cfg_get(alg_cfg, "densities", 0.53))
-        self.merge_weight = float(cfg_get(alg_cfg, "weights", 1.0))
-        self.weight_decay = float(cfg_get(alg_cfg, "weight_decay", 1e-5))
-        self.retrieve = bool(cfg_get(alg_cfg, "retrieve", False))
-        self.use_templates = bool(cfg_get(alg_cfg, "context_templates", True))
+        self.densities = p.densities
+        self.merge_weight = p.weights
+        self.weight_decay = p.weight_decay
+        self.retrieve = p.retrieve
+        self.use_templates = p.context_templates
         self.base_seed = int(torch.initial_seed()) % 2**31
         w0 = self.layer.weight
         # Editing state (everything in state_dict):
@@ -257,7 +259,7 @@ class WiseEditor(Editor):
     def attach_tokenizer(self, tokenizer: Any, data_dir: Path) -> None:
         """Irrelevant passages from ``irrelevant_corpus`` and the context templates."""
         self.tokenizer = tokenizer
-        corpus = Path(str(cfg_get(self.alg_cfg, "irrelevant_corpus", "openwebtext"))).expanduser()
+        corpus = Path(self.settings.irrelevant_corpus).expanduser()
         if not corpus.is_absolute():
             corpus = Path(data_dir) / corpus
         if not corpus.exists():

@@ -61,7 +61,7 @@ def get_task(name: object) -> TaskSpec:
     Raises:
         ConfigError: no registered task has that name.
     """
-    key = str(getattr(name, "value", name))
+    key = str(name)
     key = _BY_ALIAS.get(key, key)
     if key not in TASKS:
         raise ConfigError(f"unknown task '{key}'; expected one of {', '.join(TASKS)}")
@@ -70,7 +70,7 @@ def get_task(name: object) -> TaskSpec:
 
 def find_task(name: object) -> TaskSpec | None:
     """The spec of ``name``, or ``None`` for a name no task has (e.g. in an old run's summary)."""
-    key = str(getattr(name, "value", name))
+    key = str(name)
     return TASKS.get(_BY_ALIAS.get(key, key))
 
 

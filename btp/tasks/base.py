@@ -34,7 +34,8 @@ class LoadArgs:
     """What a task's loader receives (validated by :func:`btp.data.load_task_data`).
 
     Attributes:
-        data_cfg: the ``data`` config section (or a dict, or ``None``).
+        data_cfg: the ``data`` section as ``btp.schema.DataCfg`` (a key the config lacks holds
+            the schema's default).
         data_dir: root of the data layout.
         max_n_edits: cap on the edit stream; ``None``: the task's default.
         n_upstream: upstream records kept (first n); ``None``: all of them.
