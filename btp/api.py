@@ -223,7 +223,7 @@ class FactEditor:
             one dict per edit: ``facts`` (how many), ``loss`` (first and last step), ``time_s``.
         """
         from btp.data.facts import fact, fact_batch
-        from btp.evaluation import batched
+        from btp.data import batched
 
         records = []
         for item in facts:
