@@ -66,41 +66,54 @@ class AskedAlone:
         return self.limit > 0
 
     def _scores(self, evaluator: TaskEvaluator, editor: Editor, collate: Collate,
-                records: list[dict]) -> list[dict[str, float]]:
-        """One value dict per record, each scored in a batch of its own."""
-        return evaluate_batches(evaluator, editor, (collate([r]) for r in records)).per_batch
+                records: list[dict], label: str | None) -> list[dict[str, float]]:
+        """One value dict per record, each scored in a batch of its own (``label``: the
+        progress bar's, ``None``: no bar)."""
+        bar = (label, len(records)) if label is not None else None
+        return evaluate_batches(evaluator, editor, (collate([r]) for r in records),
+                                progress=bar).per_batch
 
     def edited(self, evaluator: TaskEvaluator, editor: Editor, collate: Collate,
-               batches_done: int) -> tuple[dict[str, float], dict[str, float]]:
+               batches_done: int, progress: bool = False
+               ) -> tuple[dict[str, float], dict[str, float]]:
         """(ES_alone, ERR_alone) means by metric name after ``batches_done`` chunks.
 
         ES_alone: every record of the last chunk (at most ``limit`` of them). ERR_alone: the
         subset's records of every chunk so far, averaged per chunk, then over chunks (NaN-
-        tolerant, as ERR); chunks without a subset record do not count.
+        tolerant, as ERR); chunks without a subset record do not count. Every record is asked
+        once, under one progress bar.
         """
-        last = self.stream[batches_done - 1]
+        last_k = batches_done - 1
+        last = self.stream[last_k]
         es_idx = fixed_subset(len(last), self.limit, self.seed + 2)
-        es_scores = self._scores(evaluator, editor, collate, [last[i] for i in es_idx])
+        chunks = [k for k in range(batches_done) if self._stream_subset[k]]
+        # the last chunk's subset records were asked for ES_alone when all of them are there
+        reuse_last = set(self._stream_subset[last_k]) <= set(es_idx)
+        asked = [last[i] for i in es_idx] + [
+            self.stream[k][i] for k in chunks if not (k == last_k and reuse_last)
+            for i in self._stream_subset[k]]
+        scores = self._scores(evaluator, editor, collate, asked,
+                              "eval edits asked alone" if progress else None)
+        es_scores = scores[:len(es_idx)]
         es_by_pos = dict(zip(es_idx, es_scores))
+        rest = iter(scores[len(es_idx):])
         chunk_means: list[dict[str, float]] = []
-        for k in range(batches_done):
+        for k in chunks:
             picked = self._stream_subset[k]
-            if not picked:
-                continue
-            if k == batches_done - 1 and all(i in es_by_pos for i in picked):
-                scores = [es_by_pos[i] for i in picked]  # already asked for ES_alone
+            if k == last_k and reuse_last:
+                chunk_means.append(_mean([es_by_pos[i] for i in picked]))
             else:
-                scores = self._scores(evaluator, editor, collate, [self.stream[k][i] for i in picked])
-            chunk_means.append(_mean(scores))
+                chunk_means.append(_mean([next(rest) for _ in picked]))
         return _mean(es_scores), _mean(chunk_means)
 
-    def holdout_scores(self, evaluator: TaskEvaluator, editor: Editor, collate: Collate
-                       ) -> dict[str, float] | None:
+    def holdout_scores(self, evaluator: TaskEvaluator, editor: Editor, collate: Collate,
+                       progress: bool = False) -> dict[str, float] | None:
         """holdout_alone means by metric name, or ``None`` where the task has no holdout set."""
         if self.holdout is None:
             return None
         records = [self.holdout[i] for i in self._holdout_subset]
-        return _mean(self._scores(evaluator, editor, collate, records))
+        return _mean(self._scores(evaluator, editor, collate, records,
+                                  "eval holdout asked alone" if progress else None))
 
 
 def _mean(values: list[dict[str, float]]) -> dict[str, float]:

@@ -28,6 +28,7 @@ import torch
 
 from btp import metrics
 from btp.editors.base import Editor
+from btp.progress import iterate
 
 
 @dataclass
@@ -146,10 +147,17 @@ def make_evaluator(task: str, tokenizer: Any, device: torch.device,
 @torch.no_grad()
 def evaluate_batches(evaluator: TaskEvaluator, editor: Editor,
                      batches: Iterable[dict[str, torch.Tensor]],
-                     keep_preds: bool = False) -> SetResult:
-    """Score every batch; means are the NaN-tolerant mean of the batch means."""
+                     keep_preds: bool = False, progress: tuple[str, int] | None = None
+                     ) -> SetResult:
+    """Score every batch; means are the NaN-tolerant mean of the batch means.
+
+    ``progress``: ``(label, number of batches)`` of a transient bar (:mod:`btp.progress`);
+    ``None``: no bar.
+    """
     per_batch: list[dict[str, float]] = []
     preds: list[torch.Tensor] = []
+    if progress is not None:
+        batches = iterate(batches, progress[1], progress[0])
     for batch in batches:
         values, batch_preds = evaluator.score(editor, batch)
         per_batch.append(values)

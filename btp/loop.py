@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 
 from btp.asked_alone import AskedAlone
 from btp.checkpoint import kill_hook
@@ -38,6 +37,7 @@ from btp.editors.base import Editor
 from btp.data.collate import lazy_batches
 from btp.evaluation import TaskEvaluator, evaluate_batches
 from btp.outputs import MetricsLog
+from btp.progress import bar, logs_above_bars
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class EditingLoop:
         metric_period: evaluate when the edit count crosses a multiple of this.
         metrics_log: where records go.
         checkpoint: called with the state after the pre-edit evaluation and after every chunk.
-        progress: show a tqdm bar over edits.
+        progress: show a bar over the edits and, on a terminal, one per evaluated set.
         alone: the records asked alone (``None``: no ``*_alone`` metrics).
     """
 
@@ -131,15 +131,22 @@ class EditingLoop:
             out[prefix if name == self.evaluator.main else f"{prefix}_{name}"] = value
         return out
 
+    def _bar(self, label: str, n_batches: int) -> tuple[str, int] | None:
+        """``evaluate_batches``'s progress argument (``None`` when bars are off)."""
+        return (f"eval {label}", n_batches) if self.progress else None
+
     def _eval_sets(self, record: dict[str, Any], keep_refs: bool) -> list[torch.Tensor]:
         up = evaluate_batches(self.evaluator, self.editor,
-                              lazy_batches(self.sets.upstream, self.collate), keep_preds=True)
+                              lazy_batches(self.sets.upstream, self.collate), keep_preds=True,
+                              progress=self._bar("upstream", len(self.sets.upstream)))
         record.update(self._named("TRR", up.means))
         for name, chunks in self.sets.extra.items():
-            res = evaluate_batches(self.evaluator, self.editor, lazy_batches(chunks, self.collate))
+            res = evaluate_batches(self.evaluator, self.editor, lazy_batches(chunks, self.collate),
+                                   progress=self._bar(name, len(chunks)))
             record.update(self._named(name, res.means))
             if self.alone is not None and name == self.sets.alone:
-                alone = self.alone.holdout_scores(self.evaluator, self.editor, self.collate)
+                alone = self.alone.holdout_scores(self.evaluator, self.editor, self.collate,
+                                                  progress=self.progress)
                 record.update(self._named(f"{name}_alone", alone or {}))
         return up.preds
 
@@ -151,7 +158,8 @@ class EditingLoop:
         state.refs = preds
         record["locality"] = 1.0
         stream = evaluate_batches(self.evaluator, self.editor,
-                                  (self._edit_batch(k) for k in range(len(self.stream))))
+                                  (self._edit_batch(k) for k in range(len(self.stream))),
+                                  progress=self._bar("edit stream (unedited)", len(self.stream)))
         record.update(self._named("stream_unedited", stream.means))
         record.update(self.editor.stats())
         record["edit_time_s"] = 0.0
@@ -163,13 +171,14 @@ class EditingLoop:
         """ES/ERR/TRR/locality/... after ``state.batches_done`` chunks."""
         record: dict[str, Any] = {"n_edits": state.n_edits, "batches": state.batches_done}
         err = evaluate_batches(self.evaluator, self.editor,
-                               (self._edit_batch(k) for k in range(state.batches_done)))
+                               (self._edit_batch(k) for k in range(state.batches_done)),
+                               progress=self._bar("edited batches", state.batches_done))
         # ES is the last chunk's own value; it is one of ERR's chunk means (same forward).
         record.update(self._named("ES", err.per_batch[-1]))
         record.update(self._named("ERR", err.means))
         if self.alone is not None:
             es_alone, err_alone = self.alone.edited(self.evaluator, self.editor, self.collate,
-                                                    state.batches_done)
+                                                    state.batches_done, progress=self.progress)
             record.update(self._named("ES_alone", es_alone))
             record.update(self._named("ERR_alone", err_alone))
         preds = self._eval_sets(record, keep_refs=False)
@@ -181,13 +190,17 @@ class EditingLoop:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, state: LoopState) -> LoopState:
-        """Edit from ``state.batches_done`` to the end of the stream."""
+        """Edit from ``state.batches_done`` to the end of the stream (log lines are printed
+        above the bars, never into them)."""
+        with logs_above_bars(self.progress):
+            return self._run(state)
+
+    def _run(self, state: LoopState) -> LoopState:
         total = sum(len(c) for c in self.stream)
         if state.refs is None:
             self.pre_edit(state)
             self.checkpoint(state)
-        bar = tqdm(total=total, initial=state.n_edits, unit="edit", desc="editing",
-                   disable=not self.progress, dynamic_ncols=True)
+        edits = bar(total, "editing", "edit", self.progress, initial=state.n_edits)
         try:
             for k in range(state.batches_done, len(self.stream)):
                 batch = self._edit_batch(k)
@@ -206,14 +219,14 @@ class EditingLoop:
                     state.records.append(record)
                     self.metrics_log.append(record)
                     log.info("after %d edits: %s", state.n_edits, _fmt(record))
-                    bar.set_postfix(ES=_short(record.get("ES")), ERR=_short(record.get("ERR")),
-                                    loc=_short(record.get("locality")))
+                    edits.set_postfix(ES=_short(record.get("ES")), ERR=_short(record.get("ERR")),
+                                      loc=_short(record.get("locality")))
                 kill_hook("before_checkpoint", state.batches_done)
                 self.checkpoint(state)
                 kill_hook("after_checkpoint", state.batches_done)
-                bar.update(len(self.stream[k]))
+                edits.update(len(self.stream[k]))
         finally:
-            bar.close()
+            edits.close()
         return state
 
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TypeVar
+from typing import Any, Dict, List, Optional, TypeVar, Union, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -467,10 +467,56 @@ def check_known_keys(cfg: DictConfig) -> None:
     try:
         OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
     except ConfigKeyError as e:
-        raise ConfigError(f"unknown config key '{e.full_key}': not declared in btp/schema.py "
-                          "(check the spelling; see config/config.yaml)") from e
+        raise ConfigError(unknown_key_message(str(e.full_key))) from e
     except ValidationError as e:
         raise ConfigError(f"bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from e
+
+
+def _unwrap(tp: Any) -> Any:
+    """``Optional[X]`` -> ``X``; other types as they are."""
+    args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+    return args[0] if getattr(tp, "__origin__", None) is Union and len(args) == 1 else tp
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return {name: _unwrap(tp) for name, tp in get_type_hints(cls).items()}
+
+
+def declared_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares (sections and their keys): ``melo``,
+    ``melo.num_iter``, ... The free-form ``model.tiny`` counts as one key."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        keys.append(prefix + name)
+        if is_dataclass(tp):
+            keys.extend(declared_keys(tp, f"{prefix}{name}."))
+    return keys
+
+
+def is_declared(key: str) -> bool:
+    """Whether the schema declares the dotted ``key`` (anything below a free-form mapping or
+    list such as ``model.tiny`` is)."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not is_dataclass(tp):
+            return True
+        types = _field_types(tp)
+        if part not in types:
+            return False
+        tp = types[part]
+    return True
+
+
+def unknown_key_message(key: str) -> str:
+    """One line for an undeclared ``key``, naming the closest declared keys (difflib)."""
+    import difflib
+
+    close = difflib.get_close_matches(key, declared_keys(), n=2, cutoff=0.75)
+    if close:
+        hint = "did you mean " + " or ".join(f"'{k}'" for k in close) + "?"
+    else:
+        hint = "check the spelling; see config/config.yaml"
+    return f"unknown config key '{key}': not declared in btp/schema.py; {hint}"
 
 
 # -- value ranges -------------------------------------------------------------------------------

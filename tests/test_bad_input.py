@@ -360,10 +360,12 @@ def test_bad_input(case: Case, prepared: dict[str, Path], tmp_path: Path, capsys
     finally:
         while _HELD:
             os.close(_HELD.pop())
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert lines[0][len("error: "):] not in captured.out  # printed once, not logged again
     for text in case.says:
         assert text in lines[0], (text, lines[0])
     after = snapshot(run_dir)
@@ -372,6 +374,17 @@ def test_bad_input(case: Case, prepared: dict[str, Path], tmp_path: Path, capsys
     assert {k: v for k, v in after.items() if k in before} == before  # nothing lost or rewritten
     assert ("summary.json" in after) == ("summary.json" in before)
     assert not list(run_dir.rglob("*.tmp-*"))
+
+
+def test_mistyped_key_names_the_closest_declared_one(tmp_path: Path, capsys) -> None:
+    """``melo.num_iters=3``: one line naming ``melo.num_iter``, before Hydra composes (no run
+    dir, no advice to add ``+``)."""
+    capsys.readouterr()
+    assert run_main(tmp_path / "run", *QA, "melo.num_iters=3") == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("error: unknown config key 'melo.num_iters': not declared in "
+                            "btp/schema.py; did you mean 'melo.num_iter'?\n")
+    assert captured.out == "" and not (tmp_path / "run").exists()
 
 
 def test_every_case_fails_for_its_own_reason() -> None:
