@@ -59,6 +59,7 @@ from btp.editors.common import (
 )
 from btp.editors.ewc import EWCPenalty, fisher_and_anchor
 from btp.editors.grace import default_grace_layer
+from btp.editors.optim import OPTIMIZERS, Step, make_optimizer, run_steps
 from btp.errors import ConfigError
 from btp.schema import EwcCfg, FtCfg, read_section
 
@@ -68,16 +69,6 @@ WEIGHTS_NAME = "ft_weights.safetensors"
 CONFIG_NAME = "ft_config.json"
 EWC_NAME = "ewc_state.safetensors"
 EARLY_STOPS = ("original", "shifted", "none")
-OPTIMIZERS = ("adam", "sgd")
-
-
-def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """A fresh optimizer (``adam`` | ``sgd``); no weight decay, so untouched entries stay put."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise ConfigError(f"optimizer must be adam or sgd, got {name!r}")
 
 
 def labels_predicted(logits: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> bool:
@@ -168,23 +159,19 @@ class FtEditor(Editor):
     def _steps(self, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
                prefix: Any) -> list[float]:
         """At most ``num_iter`` steps, stopping once the labels are predicted -> the losses."""
-        losses: list[float] = []
-        for step in range(self.num_iter):
-            opt.zero_grad(set_to_none=True)
+
+        def forward(step: int) -> Step | None:
             out = self.base_model(**batch)
-            if step == 0:
-                prefix.step_done()
             if self._done(out.logits.detach(), batch["labels"]):
-                break
-            loss = out.loss
+                return None
             pen = self.penalty()
-            total = loss if pen is None else loss + pen
-            total.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if pen is not None:
-                log.debug("loss %.4f ewc penalty %.4g", losses[-1], float(pen.detach()))
-        return losses
+            if pen is None:
+                return Step(out.loss)
+            value = float(out.loss.detach())
+            log.debug("loss %.4f ewc penalty %.4g", value, float(pen.detach()))
+            return Step(out.loss + pen, value=value)
+
+        return run_steps(opt, self.num_iter, forward, prefix=prefix)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"ft.{k}": p.detach().clone() for k, p in self.params.items()}

@@ -96,6 +96,7 @@ from btp.editors.common import (
     to_device,
     write_safetensors,
 )
+from btp.editors.optim import Step, make_optimizer, run_steps
 from btp.errors import ConfigError
 from btp.families import family_of_model_type
 from btp.schema import GraceCfg, read_section
@@ -569,16 +570,10 @@ class GraceEditor(Editor):
         index = torch.tensor(uniq, dtype=torch.long, device=dev)
         # 3) train only the touched values with Adam; fresh optimizer per edit.
         values = self.codebook.values[index].clone().requires_grad_(True)
-        opt = torch.optim.Adam([values], lr=self.edit_lr)
-        losses: list[float] = []
+        opt = make_optimizer("adam", [values], self.edit_lr)
         with self._context(make_context(batch, causal), "train"), torch.enable_grad():
             self.codebook.train_values, self.codebook.train_assign = values, assign
-            for _ in range(self.num_iter):
-                opt.zero_grad(set_to_none=True)
-                loss = self.base_model(**batch).loss
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+            losses = run_steps(opt, self.num_iter, lambda _: Step(self.base_model(**batch).loss))
         with torch.no_grad():
             self.codebook.values[index] = values.detach().to(self.codebook.values.dtype)
         return EditOutcome(losses=losses, time_s=time.perf_counter() - t0)

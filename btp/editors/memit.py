@@ -61,6 +61,7 @@ from btp.editors.lm_edit import (Capture, add_at_positions, add_out_in, block_of
                                  last_prompt_positions, linear_module, read_corpus,
                                  strings_to_tensor, templated_batch, tensor_to_strings,
                                  weight_fingerprint)
+from btp.editors.optim import Step, make_optimizer, run_steps
 from btp.errors import ConfigError
 from btp.schema import MemitCfg, read_section
 from btp.tasks import fact_tasks, names_phrase
@@ -332,30 +333,30 @@ class MemitEditor(Editor):
             self.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         h = cap.values[self.z_block][0, pos[0]].detach().float()  # the plain prompt's state
         delta = torch.zeros_like(h, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=self.v_lr)
+        opt = make_optimizer("adam", [delta], self.v_lr)
         max_norm = self.clamp_norm_factor * h.norm()
-        losses: list[float] = []
+        last = self.v_num_grad_steps - 1
+
+        def forward(step: int) -> Step:
+            logits = self.base_model(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            tok = logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            nll = (-(tok * mask).sum(1) / mask.sum(1)).mean()
+            loss = nll + self.v_weight_decay * (delta.norm() / h.norm() ** 2)
+            value = float(loss.detach())
+            # As MEMIT: stop once the loss is small; the last iteration only measures.
+            return Step(loss, value=value, stop=value < Z_LOSS_STOP or step == last)
+
+        def clamp() -> None:
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+
         # Blocks below L see the same input at every step: they run once.
         with torch.enable_grad(), add_at_positions(block, rows, pos, delta), \
                 FrozenPrefixCache(self.base_model, [self.z_block]) as prefix:
-            for it in range(self.v_num_grad_steps):
-                opt.zero_grad(set_to_none=True)
-                logits = self.base_model(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).logits
-                logp = torch.log_softmax(logits[:, :-1].float(), -1)
-                tok = logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                nll = (-(tok * mask).sum(1) / mask.sum(1)).mean()
-                loss = nll + self.v_weight_decay * (delta.norm() / h.norm() ** 2)
-                losses.append(float(loss.detach()))
-                # As MEMIT: stop once the loss is small; the last iteration only measures.
-                if losses[-1] < Z_LOSS_STOP or it == self.v_num_grad_steps - 1:
-                    break
-                loss.backward()
-                opt.step()
-                prefix.step_done()
-                with torch.no_grad():
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
+            losses = run_steps(opt, self.v_num_grad_steps, forward, prefix=prefix,
+                               after_update=clamp)
         return (h + delta.detach()), losses
 
     # -- the update ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import nn
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (cfg_get, frozen_prefix, is_conv1d, model_device, model_inputs,
                                 resolve_target_modules, to_device)
+from btp.editors.optim import Step, make_optimizer, run_steps
 from btp.errors import ConfigError
 from btp.schema import MeloCfg, PlainLoraCfg, read_section
 
@@ -90,17 +91,10 @@ class PlainLoraEditor(Editor):
     def edit(self, batch: dict[str, torch.Tensor]) -> EditOutcome:
         t0 = time.perf_counter()
         batch = to_device(model_inputs(batch), model_device(self.base_model))
-        opt = torch.optim.Adam(self.lora_params, lr=self.edit_lr)  # fresh per batch, like MELO
-        losses: list[float] = []
+        opt = make_optimizer("adam", self.lora_params, self.edit_lr)  # fresh per batch, like MELO
         with torch.enable_grad(), frozen_prefix(self.base_model, self.cache_frozen_prefix) as prefix:
-            for step in range(self.num_iter):
-                opt.zero_grad(set_to_none=True)
-                loss = self.base_model(**batch).loss
-                if step == 0:
-                    prefix.step_done()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+            losses = run_steps(opt, self.num_iter, lambda _: Step(self.base_model(**batch).loss),
+                               prefix=prefix)
         for p in self.lora_params:
             p.grad = None
         return EditOutcome(losses=losses, time_s=time.perf_counter() - t0)

@@ -66,6 +66,7 @@ from btp.editors.common import (cfg_get, model_device, model_inputs, model_kind,
 from btp.editors.lm_edit import (context_templates, decode_facts, default_wise_layer,
                                  linear_module, linear_with, passages, read_corpus,
                                  strings_to_tensor, templated_batch, tensor_to_strings)
+from btp.editors.optim import Step, make_optimizer, run_steps
 from btp.errors import ConfigError
 from btp.schema import WiseCfg, read_section
 from btp.tasks import fact_tasks, names_phrase
@@ -375,42 +376,43 @@ class WiseEditor(Editor):
         data = to_device(data, device)
         gold = data["labels"][:n_edit, 1:]
         tmask = (gold != -100).float()
-        opt = torch.optim.SGD([shard], lr=self.edit_lr)
-        losses: list[float] = []
-        act_edit = 0.0
+        opt = make_optimizer("sgd", [shard], self.edit_lr)
+        seen: dict[str, Any] = {"act_edit": 0.0, "last": None}
+
+        def forward(step: int) -> Step:
+            logits = self.base_model(input_ids=data["input_ids"],
+                                     attention_mask=data["attention_mask"]).logits
+            logp = torch.log_softmax(logits[:n_edit, :-1].float(), -1)
+            tok = logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            nll = (-(tok * tmask).sum(1) / tmask.sum(1).clamp(min=1)).mean()
+            a_edit, a_irr = r.acts[:n_edit], r.acts[n_edit]
+            act = (torch.relu(a_irr - self.alpha) + torch.relu(self.beta - a_edit)
+                   + torch.relu(self.gamma - (a_edit - a_irr))).mean()
+            loss = nll + act
+            seen["act_edit"] = float(a_edit.detach().mean())
+            seen["parts"] = (float(nll.detach()), float(act.detach()), float(a_irr.detach()))
+            value, last = float(loss.detach()), seen["last"]
+            seen["last"] = value
+            # The authors' stop: the loss is small and no longer moves.
+            stop = last is not None and abs(last - value) <= STOP_DELTA and value <= STOP_LOSS
+            return Step(loss, value=value, stop=stop)
+
+        def mask_grad() -> None:
+            # Only the shard's masked entries move: its gradient and its weight decay.
+            shard.grad.add_(self.weight_decay * shard.detach())
+            shard.grad.mul_(mask)
+
+        def constrain() -> None:
+            nc = float(self.norm_constraint)
+            shard.copy_(torch.maximum(torch.minimum(shard, w0 + nc), w0 - nc))
+
         # The blocks below the side memory's see the same input at every step: they run once.
         with torch.enable_grad(), self._mode("edit", data["attention_mask"]) as r, \
                 FrozenPrefixCache(self.base_model, [self.layer_name]) as prefix:
-            for it in range(self.num_iter):
-                opt.zero_grad(set_to_none=True)
-                logits = self.base_model(input_ids=data["input_ids"],
-                                         attention_mask=data["attention_mask"]).logits
-                logp = torch.log_softmax(logits[:n_edit, :-1].float(), -1)
-                tok = logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                nll = (-(tok * tmask).sum(1) / tmask.sum(1).clamp(min=1)).mean()
-                a_edit, a_irr = r.acts[:n_edit], r.acts[n_edit]
-                act = (torch.relu(a_irr - self.alpha) + torch.relu(self.beta - a_edit)
-                       + torch.relu(self.gamma - (a_edit - a_irr))).mean()
-                loss = nll + act
-                act_edit = float(a_edit.detach().mean())
-                value = float(loss.detach())
-                stop = bool(losses) and abs(losses[-1] - value) <= STOP_DELTA \
-                    and value <= STOP_LOSS
-                losses.append(value)
-                parts = (float(nll.detach()), float(act.detach()), float(a_irr.detach()))
-                if stop:
-                    break
-                loss.backward()
-                with torch.no_grad():
-                    # Only the shard's masked entries move: its gradient and its weight decay.
-                    shard.grad.add_(self.weight_decay * shard.detach())
-                    shard.grad.mul_(mask)
-                opt.step()
-                prefix.step_done()
-                if self.norm_constraint is not None:
-                    with torch.no_grad():
-                        nc = float(self.norm_constraint)
-                        shard.copy_(torch.maximum(torch.minimum(shard, w0 + nc), w0 - nc))
+            losses = run_steps(opt, self.num_iter, forward, prefix=prefix,
+                               before_update=mask_grad,
+                               after_update=None if self.norm_constraint is None else constrain)
+        act_edit, parts = seen["act_edit"], seen.get("parts")
         self.side.shard = None
         self.shard = shard.detach().requires_grad_(False)
         self.shard_min_act = min(self.shard_min_act, act_edit)
