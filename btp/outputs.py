@@ -6,7 +6,7 @@
 * ``summary.json``: the final values, written atomically and only when the run finished.
 * wandb (``wandb.mode``: ``disabled`` by default, ``offline``, ``online``): the same records,
   with ``n_edits`` as the step. ``offline`` needs no account; wandb is imported only when enabled.
-  The group is ``wandb.group`` when set, else the sweep's name in a multirun
+  The runner gives the group: ``wandb.group`` when set, else the sweep's name in a multirun
   (``btp.sweep.wandb_group``), so that the runs of one sweep are grouped together.
 
 NaN values are written as ``null`` so that the files are standard JSON and compare equal.
@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from btp import sweep
 from btp.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -53,10 +52,11 @@ class MetricsLog:
         config: the resolved config (logged to wandb).
         run_name: a readable name (task/alg/model).
         wandb_id: the id of a previous wandb run of this run dir (resume), or None.
+        group: the wandb group (:func:`btp.sweep.wandb_group`), or None.
     """
 
     def __init__(self, run_dir: Path, wandb_cfg: Any, config: dict[str, Any], run_name: str,
-                 wandb_id: str | None = None) -> None:
+                 wandb_id: str | None = None, group: str | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.wandb_run = None
         mode = str(wandb_cfg.mode)
@@ -64,7 +64,7 @@ class MetricsLog:
             import wandb  # imported only when asked for: slow import, optional service
 
             self.wandb_run = wandb.init(
-                mode=mode, project=wandb_cfg.project, group=sweep.wandb_group(wandb_cfg.group),
+                mode=mode, project=wandb_cfg.project, group=group,
                 entity=wandb_cfg.entity, dir=str(run_dir), config=config, name=run_name,
                 id=wandb_id, resume="allow" if wandb_id else None)
 

@@ -201,14 +201,16 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = True
-        ) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = True,
+        sweep_dir: str | Path | None = None) -> dict[str, Any]:
     """Run the configured sequential-editing experiment; returns the summary dict.
 
     Args:
         cfg: the composed config (``btp.schema.Config``).
         run_dir: where outputs go; default Hydra's run directory.
         progress: show the tqdm bar.
+        sweep_dir: the sweep this run belongs to, which names its wandb group unless
+            ``wandb.group`` is set; with ``run_dir`` None, Hydra's multirun sweep dir.
 
     Raises:
         UserError: bad input, a run dir that belongs to another run or process, a damaged
@@ -220,18 +222,20 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
+        sweep_dir = sweep_dir if sweep_dir is not None else sweep.hydra_sweep_dir()
     rundir = RunDir(Path(run_dir))
     try:
         with _signals_raise():
             validate(cfg)
             with rundir:
-                return _run_locked(cfg, rundir, progress, start)
+                return _run_locked(cfg, rundir, progress, start, sweep_dir)
     except BaseException:
         rundir.restore_hydra()  # a command that did not run must not describe the directory
         raise
 
 
-def _run_locked(cfg: DictConfig, rundir: RunDir, progress: bool, start: float) -> dict[str, Any]:
+def _run_locked(cfg: DictConfig, rundir: RunDir, progress: bool, start: float,
+                sweep_dir: str | Path | None) -> dict[str, Any]:
     """The body of :func:`run`, with the run dir locked."""
     run_dir = rundir.path
     rundir.remove_stale_tmp()
@@ -253,7 +257,7 @@ def _run_locked(cfg: DictConfig, rundir: RunDir, progress: bool, start: float) -
     last_ckpt = _Checkpointed(saved[1]["batches_done"] if saved is not None else None,
                               saved[1]["n_batches"] if saved is not None else None)
     try:
-        return _run_work(cfg, rundir, config, saved, progress, start, last_ckpt)
+        return _run_work(cfg, rundir, config, saved, progress, start, last_ckpt, sweep_dir)
     except RunInterrupted as e:
         raise RunInterrupted(e.signum, f"{e.signal_name} received: the run stopped; "
                              f"{last_ckpt.resume_hint(run_dir)}") from None
@@ -426,7 +430,8 @@ def finish(cfg: DictConfig, parts: RunParts, state: LoopState, run_dir: Path) ->
 
 def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
               saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, progress: bool,
-              start: float, checkpointed: _Checkpointed) -> dict[str, Any]:
+              start: float, checkpointed: _Checkpointed, sweep_dir: str | Path | None
+              ) -> dict[str, Any]:
     """Build, restore, claim the run dir, edit, finish.
 
     The run dir is claimed (``run_config.json``) only once everything is loaded and verified, just
@@ -441,7 +446,8 @@ def _run_work(cfg: DictConfig, rundir: RunDir, config: dict[str, Any],
     rundir.claim(config)
     (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # only a finished run has a summary
     metrics_log = MetricsLog(run_dir, cfg.wandb, config,
-                             f"{parts.task.name}-{cfg.alg.name}-{cfg.model.name}", wandb_id)
+                             f"{parts.task.name}-{cfg.alg.name}-{cfg.model.name}", wandb_id,
+                             group=sweep.wandb_group(cfg.wandb.group, sweep_dir))
     metrics_log.reset(state.records)
     summary = None
     try:

@@ -93,14 +93,11 @@ def sweep_name(sweep_dir: str | Path) -> str:
     return path.name
 
 
-def wandb_group(explicit: str | None = None) -> str | None:
-    """The wandb group of this run: ``explicit`` if set, else the sweep's name in a multirun.
+def hydra_sweep_dir() -> Path | None:
+    """The sweep directory of the current Hydra multirun; None in a single run or without Hydra.
 
-    Outside a Hydra multirun (a single run, or no Hydra at all) there is no sweep and the group
-    stays None.
+    Read once by the runner's entry (``btp.runner.run``), which passes it on.
     """
-    if explicit:
-        return explicit
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -110,6 +107,14 @@ def wandb_group(explicit: str | None = None) -> str | None:
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode != RunMode.MULTIRUN:
             return None
-        return sweep_name(hydra_cfg.sweep.dir)
+        return Path(str(hydra_cfg.sweep.dir))
     except (ImportError, ValueError, AttributeError):  # no Hydra context: not a sweep
         return None
+
+
+def wandb_group(explicit: str | None, sweep_dir: str | Path | None) -> str | None:
+    """The wandb group of a run: ``explicit`` (``wandb.group``) if set, else the name of the
+    sweep the run belongs to (:func:`sweep_name`), else None (a run outside a sweep)."""
+    if explicit:
+        return explicit
+    return sweep_name(sweep_dir) if sweep_dir is not None else None

@@ -113,39 +113,58 @@ def test_finished_and_sweep_name(tmp_path: Path) -> None:
 def test_wandb_group_is_the_sweep_name(tmp_path: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    assert sweep.wandb_group() is None  # no Hydra: not a sweep
-    assert sweep.wandb_group("mine") == "mine"
+    assert sweep.hydra_sweep_dir() is None  # no Hydra: not a sweep
+    assert sweep.wandb_group(None, None) is None
+    assert sweep.wandb_group("mine", None) == "mine"
+    assert sweep.wandb_group(None, tmp_path / "qa_sweep") == "qa_sweep"
+    assert sweep.wandb_group("explicit", tmp_path / "qa_sweep") == "explicit"
+    HydraConfig.instance().set_config(_compose(TINY_RUN))
+    try:
+        assert sweep.hydra_sweep_dir() is None  # a single run: not a sweep
+    finally:
+        HydraConfig.instance().cfg = None
     cfg = _compose(TINY_RUN + ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/qa_sweep"])
     HydraConfig.instance().set_config(cfg)
     try:
-        assert sweep.wandb_group() == "qa_sweep"
-        assert sweep.wandb_group("explicit") == "explicit"
+        assert sweep.hydra_sweep_dir() == tmp_path / "qa_sweep"
     finally:
         HydraConfig.instance().cfg = None
 
 
-def test_metrics_log_puts_the_sweep_into_the_wandb_group(tmp_path: Path, monkeypatch) -> None:
-    """MetricsLog passes the sweep's name (or an explicit wandb.group) to wandb.init."""
+class _Stop(Exception):
+    """Ends a run once its wandb run is open."""
+
+
+def test_runner_puts_the_sweep_into_the_wandb_group(tmp_path: Path, monkeypatch) -> None:
+    """The runs of a sweep share a wandb group named after the sweep dir unless wandb.group is
+    given: the runner passes it to MetricsLog, which passes it to wandb.init."""
     import types
 
-    from hydra.core.hydra_config import HydraConfig
-
-    from btp.outputs import MetricsLog
+    from btp import runner
 
     calls: list[dict] = []
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(
         id="x", finish=lambda **k: None, summary={}))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    cfg = _compose(TINY_RUN + ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/qa_sweep"])
-    HydraConfig.instance().set_config(cfg)
-    try:
-        for group, want in ((None, "qa_sweep"), ("mine", "mine")):
-            wandb_cfg = OmegaConf.create({"mode": "offline", "project": "p", "entity": None,
-                                          "group": group})
-            MetricsLog(tmp_path, wandb_cfg, {}, "name").finish(None)
-            assert calls[-1]["group"] == want
-    finally:
-        HydraConfig.instance().cfg = None
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    # No data or model: the runner's steps before the wandb run opens are stand-ins.
+    monkeypatch.setattr(runner, "build", lambda cfg, run_dir: types.SimpleNamespace(
+        stream=[], task=types.SimpleNamespace(name="qa")))
+    monkeypatch.setattr(runner, "restore", lambda parts, saved, ckpt_dir: (
+        types.SimpleNamespace(records=[]), None))
+    monkeypatch.setattr(runner, "edit", stop)
+    small = ["device=cpu", "wandb.mode=offline"]
+    for extra, want in (([], "qa_sweep"), (["wandb.group=mine"], "mine")):
+        with pytest.raises(_Stop):
+            runner.run(_compose(TINY_RUN + small + extra), run_dir=tmp_path / f"job{len(calls)}",
+                       progress=False, sweep_dir=tmp_path / "qa_sweep")
+        assert calls[-1]["group"] == want
+    with pytest.raises(_Stop):
+        runner.run(_compose(TINY_RUN + small), run_dir=tmp_path / "single", progress=False)
+    assert calls[-1]["group"] is None  # a run outside a sweep has no group
 
 
 # -- real multiruns through submitit's local executor -----------------------------------------
