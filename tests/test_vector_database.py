@@ -204,8 +204,27 @@ STREAMS = [
 ]
 
 
-@pytest.mark.parametrize("seed,shape,mode", STREAMS)
-def test_batched_database_matches_the_plain_reference(seed: int, shape: str, mode: str) -> None:
+# Settings that send the same streams down the other paths of the search and the index: a
+# one-direction sketch (weak bounds, many candidates), one candidate per key (the full search
+# behind the screen), steps of four centers (bounds kept per step), compaction at every update.
+SEARCH_VARIANTS = {
+    "default": {},
+    "narrow sketch": {"SKETCH_DIMS": 1},
+    "one candidate": {"_MAX_CANDIDATES": 1},
+    "small steps": {"_SCREEN_CHUNK": 4, "_MIN_STEP": 4},
+    "eager compaction": {"_COMPACT_MIN": 0},
+}
+
+
+@pytest.mark.parametrize("seed,shape,mode,variant", [
+    (*stream, "default") for stream in STREAMS
+] + [(1, shape, mode, variant) for _, shape, mode in STREAMS[:3] for variant in list(SEARCH_VARIANTS)[1:]])
+def test_batched_database_matches_the_plain_reference(seed: int, shape: str, mode: str, variant: str,
+                                                      monkeypatch) -> None:
+    import peft_melo.vector_database as vdb
+
+    for name, value in SEARCH_VARIANTS[variant].items():
+        monkeypatch.setattr(vdb, name, value)
     gen = torch.Generator().manual_seed(seed)
     db, ref = VectorDatabase(init_radius=0.6, label_match=mode), ReferenceDatabase(0.6, mode)
     for block in range(12):
@@ -343,3 +362,52 @@ def test_nearest_search_in_chunks_gives_the_same_answer(monkeypatch) -> None:
     monkeypatch.setattr(vdb, "_NEAREST_CHUNK", 200 * 3)  # 3 keys per chunk
     got = db._nearest(keys)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_screen_skips_the_search_only_for_keys_beyond_every_reach(monkeypatch) -> None:
+    """Against the full search, at several screening steps: a key left unsearched is farther from
+    its nearest center than that cluster's reach; a searched key gets the full search's answer."""
+    import peft_melo.vector_database as vdb
+
+    monkeypatch.setattr(vdb, "_SCREEN_CHUNK", 1024)
+    gen = torch.Generator().manual_seed(5)
+    dim = 64
+    db = VectorDatabase(init_radius=1.0)
+    db.update(torch.randn(5000, dim, generator=gen) * 3, torch.arange(5000) % 7, block=0)
+    near = db.centers[torch.randint(0, len(db), (30,), generator=gen)] + 0.05 * torch.randn(30, dim, generator=gen)
+    keys = torch.cat([near, torch.randn(30, dim, generator=gen) * 3])
+    clear, nearest, dist = db._batch_nearest(keys)
+    want_idx, want_dist = db._nearest(keys)
+    assert 0 < int(clear.sum()) < keys.shape[0]  # both kinds in this batch
+    searched = ~clear
+    assert torch.equal(nearest[searched], want_idx[searched])
+    assert torch.equal(dist[searched], want_dist[searched])
+    assert bool((want_dist[clear] > db.radii[want_idx[clear]] + db.init_radius).all())
+
+
+def test_key_beyond_reach_is_searched_when_the_batch_can_widen_its_cluster() -> None:
+    """The second key is beyond the cluster's reach before the batch (2.5 > 1 + 1), but the first
+    key of the same batch joins that cluster and may widen it: the second is searched exactly."""
+    db = VectorDatabase(init_radius=1.0)
+    db.update(k(0, 0), torch.tensor([10]), block=0)
+    db.update(k(2, 0), torch.tensor([10]), block=1)  # one cluster: center 1, radius 1
+    keys = torch.tensor([[3.0, 0.0], [-1.5, 0.0], [40.0, 0.0]])
+    screen = db._screen(keys)
+    assert (screen.lows.amin(1) + screen.ks_sq > screen.slack).tolist() == [False, True, True]
+    clear, nearest, dist = db._batch_nearest(keys)
+    assert clear.tolist() == [False, False, True]  # the far key at 40 stays unsearched
+    assert nearest[:2].tolist() == [0, 0] and dist[:2].tolist() == pytest.approx([2.0, 2.5])
+
+
+def test_index_is_rewritten_per_update_not_rebuilt() -> None:
+    """After many updates the index's runs equal a from-scratch build; stale runs stay bounded."""
+    gen = torch.Generator().manual_seed(6)
+    db = VectorDatabase(init_radius=0.6)
+    for block in range(40):
+        db.update(torch.randn(10, 3, generator=gen) * 1.5, torch.randint(0, 3, (10,), generator=gen), block=block)
+    rebuilt = VectorDatabase(init_radius=0.6)
+    rebuilt.load_state_dict(db.state_dict())
+    assert torch.equal(db.point_clusters, rebuilt.point_clusters)
+    assert torch.equal(db.point_blocks, rebuilt.point_blocks)
+    assert torch.equal(db.cluster_count, rebuilt.cluster_count)
+    assert db._no - db._live <= max(db._live, 1024)

@@ -7,14 +7,27 @@ tensor work; an update (once per edit batch) is batched except for the clusters 
 of the batch reach, which are replayed in example order to keep the original's semantics.
 
 Storage grows in amortized O(1) per insert: clusters and points live in buffers with spare
-capacity; a forgotten point is marked dead (cluster id -1) instead of compacting the table, and
-only an index of point rows (sorted by cluster) is rebuilt per update. A point whose key is its
-cluster's center (a founder, a placeholder) stores no key of its own: most clusters hold one
-point, so this halves the memory. Such a key is written out before its cluster's center moves.
+capacity (x1.5 when full); a forgotten point is marked dead (cluster id -1) instead of compacting
+the table. The routing index lists the live point rows of each cluster as one run; an update
+rewrites only the runs of the clusters it touched (at the end of the index, the old runs left as
+garbage until they outweigh the live ones), so no table is copied or sorted per batch. A point
+whose key is its cluster's center (a founder, a placeholder) stores no key of its own: most
+clusters hold one point, so this halves the memory. Such a key is written out before its
+cluster's center moves.
+
+An update screens its keys on sketches before any full-width search: each center's coordinates
+on ``SKETCH_DIMS`` principal directions of the centers plus the norm of its remainder, so that the
+distance between two sketches is a lower bound of the distance between the vectors (the
+remainders' norms differ by at most their distance). A key whose lower bound exceeds the reach
+(radius + init_radius) of every cluster founds a new cluster whichever center is nearest; the
+others get their exact nearest center among the few whose lower bound does not exceed the
+distance to the best sketch candidate (the full search where too many remain). The decisions are
+those of a full search; only the time depends on how well the sketch separates the data.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -28,8 +41,48 @@ TIE_CANDIDATES = 4
 # Largest key x center distance matrix built at once (elements): 256 MB in float32.
 _NEAREST_CHUNK = 1 << 26
 _ROUNDING_ULPS = 8.0
+# Sketch width (principal directions kept; one more column holds the remainder's norm).
+SKETCH_DIMS = 32
+# Relative error allowed for a sketch bound, against |key|^2 + |center|^2: float32 rounding of
+# the projections and of the expanded form stays near sqrt(d) * 1.2e-7, a hundred times below.
+_SKETCH_SLACK = 1e-3
+# Candidates per key beyond which the exact search runs over every center instead.
+_MAX_CANDIDATES = 256
+# Centers per screening step (the [keys, step] score matrix stays in cache), and the fewest
+# when the batch is so large that the score matrix is bounded by _NEAREST_CHUNK instead.
+_SCREEN_CHUNK = 1 << 13
+_MIN_STEP = 1024
+_STEPS_PER_PRODUCT = 8
+# Strided sample of centers that the sketch directions are fitted on.
+_FIT_SAMPLE = 2048
+# Directions are refitted while the database is below this size (they follow the data while it
+# is still small; beyond, the copy that growth needs is the only full pass).
+_REFIT_BELOW = 1 << 17
+# Dead point rows / stale index entries tolerated beyond the live ones before compacting.
+_COMPACT_MIN = 1024
+_GROWTH = 1.5
 
 LabelMatch = Literal["sum", "exact"]
+
+
+@dataclass
+class _Screen:
+    """Sketch screening of a batch of keys (see :meth:`VectorDatabase._screen`).
+
+    ks [n, p + 1] sketches, ks_sq [n] their squared norms, slack [n] rounding room, lows [n, S]
+    per step of ``step`` centers the least ``|ks - cs|^2 - |ks|^2 - reach^2``, least_need [S]
+    each step's least squared reach.
+    """
+
+    ks: torch.Tensor
+    ks_sq: torch.Tensor
+    slack: torch.Tensor
+    lows: torch.Tensor
+    least_need: torch.Tensor
+    step: int
+
+    def select(self, rows: torch.Tensor) -> "_Screen":
+        return _Screen(self.ks[rows], self.ks_sq[rows], self.slack[rows], self.lows[rows], self.least_need, self.step)
 
 
 def _as_label_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -58,6 +111,11 @@ def _grown(buffer: torch.Tensor, used: int, capacity: int, fill: float | int | N
     return out
 
 
+def _capacity(need: int, current: int) -> int:
+    """Next capacity of a full buffer: geometric, so that inserts cost amortized O(1)."""
+    return max(need, int(_GROWTH * current), 16)
+
+
 def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
     """Right-pad label rows with -100 (the HF ignore index) up to ``width`` columns."""
     if rows.shape[1] >= width:
@@ -75,7 +133,7 @@ class VectorDatabase:
         label_match: ``"sum"`` compares the sums of label ids (-100 counted as 0) like the
             original, a hash with collisions; ``"exact"`` compares the label sequences.
 
-    Shapes: C clusters, P points, d key dimension, L label columns.
+    Shapes: C clusters, P points, d key dimension, L label columns, p sketch dimensions.
     """
 
     def __init__(self, init_radius: float, label_match: LabelMatch = "sum") -> None:
@@ -92,10 +150,17 @@ class VectorDatabase:
     def _allocate(self, like: torch.Tensor, n_clusters: int, n_points: int, label_width: int) -> None:
         """Empty buffers of the given capacities, dtype float32 on ``like``'s device."""
         d, dev = like.shape[-1], like.device
+        p = min(SKETCH_DIMS, d)
         self._centers = torch.empty(n_clusters, d, device=dev)  # [capC, d]
         self._center_sq = torch.empty(n_clusters, device=dev)  # [capC] squared norms for routing
         self._radii = torch.empty(n_clusters, device=dev)  # [capC]
         self._labels = torch.full((n_clusters, label_width), -100, dtype=torch.long, device=dev)  # [capC, L]
+        # [capC, p + 3]: sketch (p + 1), its squared norm, squared reach with rounding room; a
+        # key's row [-2 sketch, 1, -1] times it gives |key - center|^2's bound - |key's sketch|^2 - reach^2
+        self._screen_cols = torch.zeros(n_clusters, p + 3, device=dev)
+        self._proj = torch.empty(d, p, device=dev)  # [d, p] orthonormal sketch directions
+        self._fitted = False
+        self._max_center_sq = torch.zeros((), device=dev)  # >= every |center|^2 (a rounding bound)
         self._n = 0
         self._kstore = torch.empty(0, d, device=dev)  # [capK, d] keys that are not a center (grows)
         self._nk = 0
@@ -104,7 +169,15 @@ class VectorDatabase:
         self._pclusters = torch.empty(n_points, dtype=torch.long, device=dev)  # [capP], -1 = dead row
         self._np = 0
         self._dead = 0
-        self._reindex()
+        self._live = 0
+        # Routing index: cluster j's live point rows are _order[_cstart[j] : _cstart[j] + _ccount[j]].
+        self._order = torch.empty(0, dtype=torch.long, device=dev)  # [capO] (runs + garbage)
+        self._no = 0
+        self._cstart = torch.zeros(n_clusters, dtype=torch.long, device=dev)  # [capC]
+        self._ccount = torch.zeros(n_clusters, dtype=torch.long, device=dev)  # [capC]
+        self._multi = 0  # clusters whose point count is not 1
+        self._single_point = True
+        self._touched: list[torch.Tensor] = []  # clusters that lost points in the running update
 
     # ------------------------------------------------------------------ basic views
     def __len__(self) -> int:
@@ -130,19 +203,29 @@ class VectorDatabase:
         return self._center_sq[: self._n]
 
     @property
+    def cluster_count(self) -> torch.Tensor:
+        """[C] live points per cluster."""
+        return self._ccount[: self._n]
+
+    @property
+    def cluster_start(self) -> torch.Tensor:
+        """[C] where each cluster's run of point rows starts in the routing index."""
+        return self._cstart[: self._n]
+
+    @property
     def point_keys(self) -> torch.Tensor:
         """[P, d] keys of the live points, grouped by cluster in insertion order (a copy)."""
-        return self._keys_of(self._order)
+        return self._keys_of(self._grouped_rows())
 
     @property
     def point_blocks(self) -> torch.Tensor:
         """[P] block of each live point (-1: a no-block placeholder), as :attr:`point_keys`."""
-        return self._pblocks[self._order]
+        return self._pblocks[self._grouped_rows()]
 
     @property
     def point_clusters(self) -> torch.Tensor:
         """[P] cluster of each live point, as :attr:`point_keys`."""
-        return self._pclusters[self._order]
+        return self._pclusters[self._grouped_rows()]
 
     @property
     def device(self) -> torch.device:
@@ -152,7 +235,7 @@ class VectorDatabase:
         """Database statistics: clusters, points, conflicts, forgotten points."""
         return {
             "clusters": len(self),
-            "points": int(self._order.shape[0]),
+            "points": int(self._live),
             "conflicts": int(self.conflicts),
             "forgotten": int(self.forgotten),
         }
@@ -192,7 +275,7 @@ class VectorDatabase:
         if keys.shape[0] > rows:  # keep the [n, C] distance matrix bounded
             parts = [self._nearest(keys[i: i + rows]) for i in range(0, keys.shape[0], rows)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        approx = self.center_sq[None, :] - 2.0 * (keys @ self.centers.T)  # [n, C]; |k|^2 dropped
+        approx = torch.addmm(self.center_sq, keys, self.centers.T, alpha=-2.0)  # [n, C]; |k|^2 dropped
         width = min(n_clusters, TIE_CANDIDATES)
         cand_approx, cand = approx.topk(width, dim=1, largest=False)  # [n, w] ascending
         exact = (keys[:, None, :] - self.centers[cand]).norm(dim=2)  # [n, w]
@@ -220,6 +303,169 @@ class VectorDatabase:
             best_d = torch.where(better, local_d, best_d)
             best_i = torch.where(better, local_i + first, best_i)
         return best_i, best_d
+
+    # ------------------------------------------------------------------ sketches
+    def _sketch_of(self, x: torch.Tensor) -> torch.Tensor:
+        """[m, d] vectors -> [m, p + 1]: coordinates on the sketch directions, remainder's norm."""
+        coords = x @ self._proj  # [m, p]
+        rest = (x - coords @ self._proj.T).norm(dim=1, keepdim=True)  # [m, 1], not |x|^2 - |coords|^2
+        return torch.cat([coords, rest], dim=1)
+
+    def _fit_sketch(self) -> None:
+        """Fit the sketch directions to the centers (principal directions of a strided sample,
+        completed to p orthonormal columns) and sketch every center again. Any orthonormal
+        directions give the same answers; ones that follow the data give tighter bounds."""
+        n, p = self._n, self._proj.shape[1]
+        sample = self._centers[: n: max(1, n // _FIT_SAMPLE)][:_FIT_SAMPLE].double()
+        vh = torch.linalg.svd(sample - sample.mean(0), full_matrices=False).Vh  # [k, d]
+        eye = torch.eye(vh.shape[1], p, dtype=vh.dtype, device=vh.device)
+        basis, _ = torch.linalg.qr(torch.cat([vh[:p].T, eye], dim=1))  # first columns span vh[:p]
+        self._proj = basis[:, :p].float().contiguous()
+        self._fitted = True
+        for first in range(0, n, _SCREEN_CHUNK):
+            last = min(n, first + _SCREEN_CHUNK)
+            sketch = self._sketch_of(self._centers[first: last])
+            self._screen_cols[first: last, :-2] = sketch
+            self._screen_cols[first: last, -2] = (sketch * sketch).sum(1)
+
+    def _sketch_slack(self, keys: torch.Tensor) -> torch.Tensor:
+        """[n] allowed error of a squared sketch distance from each key (see ``_SKETCH_SLACK``)."""
+        return _SKETCH_SLACK * ((keys * keys).sum(1) + self._max_center_sq)
+
+    def _screen(self, keys: torch.Tensor) -> "_Screen":
+        """Lower bounds of every key's distance to every cluster's reach, on the sketches: one
+        ``[n, p + 3] x [p + 3, C]`` product (see ``_screen_cols``) in spans of centers, of which
+        each step keeps only its minimum per key (the [n, C] matrix never exists)."""
+        ks = self._sketch_of(keys)  # [n, p + 1]
+        n, count = keys.shape[0], len(self)
+        ones = ks.new_ones(n, 1)
+        step = max(_MIN_STEP, min(_SCREEN_CHUNK, _NEAREST_CHUNK // max(n, 1)))
+        # Several steps per product: fewer, larger parallel regions (each one waits for every
+        # thread, which costs most on a shared machine); the minima are still kept per step.
+        span = step * max(1, min(_STEPS_PER_PRODUCT, _NEAREST_CHUNK // max(n * step, 1)))
+        rows = torch.cat([-2.0 * ks, ones, -ones], dim=1)  # [n, p + 3]
+        lows = []
+        for first in range(0, count, span):
+            last = min(count, first + span)
+            scores = rows @ self._screen_cols[first: last].T  # [n, w] bound - |ks|^2 - reach^2
+            whole = (last - first) // step * step
+            if whole:
+                lows.append(scores[:, :whole].view(n, -1, step).amin(2))
+            if whole < last - first:
+                lows.append(scores[:, whole:].amin(1, keepdim=True))
+        need = torch.nn.functional.pad(self._screen_cols[:count, -1], (0, -count % step), value=float("inf"))
+        return _Screen(ks, (ks * ks).sum(1), self._sketch_slack(keys), torch.cat(lows, 1),
+                       need.view(-1, step).amin(1), step)
+
+    def _nearest_screened(self, keys: torch.Tensor, screen: "_Screen") -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact nearest center per key, as :meth:`_nearest`, searching only the centers whose
+        sketch bound does not exceed the distance to a first candidate (the nearest is among
+        them), in the steps of centers whose screened minimum allows one; a key with more than
+        ``_MAX_CANDIDATES`` such centers is searched over all of them."""
+        m, dev, step = keys.shape[0], keys.device, screen.step
+        centers = self.centers
+        # [m, p + 3] rows giving |cs|^2 - 2 ks.cs = the squared bound - |ks|^2 (no reach)
+        bound_rows = torch.cat([-2.0 * screen.ks, screen.ks.new_ones(m, 1), screen.ks.new_zeros(m, 1)], dim=1)
+        limit = torch.empty(m, device=dev)
+        found_rows, found_cols = [], []
+        counts = torch.zeros(m, dtype=torch.long, device=dev)
+
+        def collect(first: int, rows: torch.Tensor, scores: torch.Tensor) -> None:
+            """Keep the centers of one step within each row's limit (at most _MAX_CANDIDATES)."""
+            nonlocal counts
+            r, c = (scores <= limit[rows, None]).nonzero(as_tuple=True)
+            counts += torch.bincount(rows[r], minlength=m)
+            keep = counts[rows[r]] <= _MAX_CANDIDATES  # an overflowing key collects no more
+            found_rows.append(rows[r][keep])
+            found_cols.append(c[keep] + first)
+
+        # The step with the least screened value first: its nearest sketch is the first
+        # candidate, whose exact distance bounds the search, and its other centers are collected.
+        best_step = screen.lows.argmin(1)  # [m]
+        for s in torch.unique(best_step).tolist():
+            rows = (best_step == s).nonzero().squeeze(1)
+            first = s * step
+            scores = bound_rows[rows] @ self._screen_cols[first: min(len(self), first + step)].T  # [r, w]
+            seed = scores.argmin(1) + first
+            upper = (keys[rows] - centers[seed]).norm(dim=1)  # the nearest is at most this far
+            # candidates: |ks - cs|^2 <= upper^2 (+ rounding room)
+            limit[rows] = upper.square() * (1 + _SKETCH_SLACK) + screen.slack[rows] - screen.ks_sq[rows]
+            found_rows.append(rows)
+            found_cols.append(seed)
+            collect(first, rows, scores)
+        # Other steps only where the screened minimum (+ the step's least reach) allows a candidate.
+        visit = screen.lows + screen.least_need[None, :] <= (limit + screen.slack)[:, None]  # [m, steps]
+        visit[torch.arange(m, device=dev), best_step] = False
+        for s in visit.any(0).nonzero().squeeze(1).tolist():
+            rows = visit[:, s].nonzero().squeeze(1)
+            first = s * step
+            collect(first, rows, bound_rows[rows] @ self._screen_cols[first: min(len(self), first + step)].T)
+        overflow = counts > _MAX_CANDIDATES
+        rows, cols = torch.cat(found_rows), torch.cat(found_cols)
+        keep = ~overflow[rows]
+        rows, cols = rows[keep], cols[keep]
+        exact = (keys[rows] - centers[cols]).norm(dim=1)  # as _nearest and a per-cluster loop
+        dist = torch.full((m,), float("inf"), device=dev).scatter_reduce(0, rows, exact, "amin")
+        at_min = exact == dist[rows]
+        idx = torch.full((m,), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)
+        idx = idx.scatter_reduce(0, rows[at_min], cols[at_min], "amin")  # lowest index on a tie
+        if bool(overflow.any()):
+            many = overflow.nonzero().squeeze(1)
+            idx[many], dist[many] = self._nearest(keys[many])
+        return idx, dist
+
+    def _reach_during_batch(self, clusters: torch.Tensor, dists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clusters that keys of this batch reach, and how far each one's reach (radius +
+        init_radius) can grow before the batch ends.
+
+        Every point a cluster holds during the batch lies within D of its old center (D: its
+        farthest point now, or the farthest key ``dists`` [m] joining it, ``clusters`` [m] their
+        nearest cluster); a center is a mean of such points, so a refitted radius is at most 2D;
+        a conflict's radius is at most D.
+
+        Returns:
+            touched [t] and the largest reach [t] each can have during the batch.
+        """
+        touched, inverse = torch.unique(clusters, return_inverse=True)
+        rows, local = self._rows_of(touched)
+        spread = (self._keys_of(rows) - self._centers[touched][local]).norm(dim=1)
+        far = torch.zeros(touched.shape[0], device=dists.device).scatter_reduce(0, local, spread, "amax")
+        far = far.scatter_reduce(0, inverse, dists, "amax")
+        radius = torch.maximum(self._radii[touched], (2 * far).clamp_min(self.init_radius))
+        return touched, radius + self.init_radius
+
+    def _batch_nearest(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest center and distance of the keys that need them for this batch's rules.
+
+        Returns:
+            clear [n]: keys far from every cluster's reach for the whole batch (they found new
+            clusters whichever center is nearest); nearest [n], dist [n] for the other keys
+            (-1 and inf for clear ones).
+
+        A key is clear when its sketch bound exceeds every reach, unless a cluster that another
+        key of the batch reaches could widen enough to take it; such a key is searched exactly
+        too, until no clear key is within the widened reach of the clusters reached.
+        """
+        n = keys.shape[0]
+        screen = self._screen(keys)
+        clear = screen.lows.amin(1) + screen.ks_sq > screen.slack
+        nearest = torch.full((n,), -1, dtype=torch.long, device=keys.device)
+        dist = torch.full((n,), float("inf"), device=keys.device)
+        search = ~clear
+        while bool(search.any()):
+            rows = search.nonzero().squeeze(1)
+            nearest[rows], dist[rows] = self._nearest_screened(keys[rows], screen.select(rows))
+            clear_rows = clear.nonzero().squeeze(1)
+            if clear_rows.numel() == 0:
+                break
+            reached = ~clear
+            touched, reach = self._reach_during_batch(nearest[reached], dist[reached])
+            gap = torch.cdist(keys[clear_rows], self._centers[touched], compute_mode="donot_use_mm_for_euclid_dist")
+            risky = (gap <= reach[None, :] * (1 + _SKETCH_SLACK)).any(1)
+            search = torch.zeros_like(clear)
+            search[clear_rows[risky]] = True
+            clear &= ~search
+        return clear, nearest, dist
 
     # ------------------------------------------------------------------ routing
     def route(self, keys: torch.Tensor) -> torch.Tensor:
@@ -261,8 +507,10 @@ class VectorDatabase:
         cluster's ``d_i/2 + 1e-5``. An earlier key of the batch that expanded or shrank ``j_i``
         thus changes the rule a later key meets.
 
-        Keys that are alone in reaching their cluster see exactly the old state and are decided
-        together; only clusters reached by several keys of the batch are replayed in order.
+        Keys beyond the reach of every cluster (screened on sketches) found clusters without a
+        full search; keys that are alone in reaching their cluster see exactly the old state and
+        are decided together; only clusters reached by several keys of the batch are replayed in
+        order.
 
         Args:
             keys: [n, d] keys of the batch.
@@ -277,15 +525,29 @@ class VectorDatabase:
             self._allocate(keys, max(16, keys.shape[0]), max(16, keys.shape[0]), rows.shape[1])
             new_radii = torch.full((keys.shape[0],), self.init_radius, device=keys.device)
             self._append_clusters(keys, new_radii, rows, block)
-            self._reindex()
+            self._index_batch(0, 0)
             return
         if keys.device != self.device:
             keys, rows = keys.to(self.device), rows.to(self.device)
+        points_before, clusters_before = self._np, self._n
 
-        nearest, dist = self._nearest(keys)
+        clear, nearest, dist = self._batch_nearest(keys)
+        founders = clear.clone()  # far from everything: a new cluster of radius init_radius
+        founder_radii = torch.full_like(dist, self.init_radius)
+        searched = (~clear).nonzero().squeeze(1)
+        if searched.numel():
+            founders[searched], founder_radii[searched] = self._apply_rules(
+                keys[searched], rows[searched], nearest[searched], dist[searched], block)
+        self._append_clusters(keys[founders], founder_radii[founders], rows[founders], block)
+        self._index_batch(points_before, clusters_before)
+
+    def _apply_rules(self, keys: torch.Tensor, rows: torch.Tensor, nearest: torch.Tensor,
+                     dist: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The three rules for keys [m] with their nearest cluster and distance; changes the
+        reached clusters and returns which keys found a cluster [m] and its radius [m]."""
         same = self._labels_equal(self.labels[nearest], rows)
         _, inverse, counts = torch.unique(nearest, return_inverse=True, return_counts=True)
-        shared = counts[inverse] > 1  # [n] another key of the batch reaches the same cluster
+        shared = counts[inverse] > 1  # [m] another key of the batch reaches the same cluster
 
         # Keys alone at their cluster: decided from the old state, all at once.
         far = dist > self.radii[nearest] + self.init_radius
@@ -303,21 +565,35 @@ class VectorDatabase:
             order = shared.nonzero().squeeze(1)
             founders[order], founder_radii[order] = self._replay(
                 keys[order], nearest[order], dist[order], same[order], block)
-
-        self._append_clusters(keys[founders], founder_radii[founders], rows[founders], block)
-        self._reindex()
+        return founders, founder_radii
 
     # ------------------------------------------------------------------ storage
     def _rows_of(self, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Live point rows of ``clusters`` [m] -> (rows [P'], position in ``clusters`` [P'])."""
-        counts = self.cluster_count[clusters]
+        counts = self._ccount[clusters]
         local = torch.repeat_interleave(torch.arange(clusters.shape[0], device=clusters.device), counts)
         offsets = torch.arange(local.shape[0], device=clusters.device) - (torch.cumsum(counts, 0) - counts)[local]
-        return self._order[self.cluster_start[clusters][local] + offsets], local
+        return self._order[self._cstart[clusters][local] + offsets], local
+
+    def _grouped_rows(self) -> torch.Tensor:
+        """[P] live point rows grouped by cluster (cluster order, insertion order within)."""
+        return self._rows_of(torch.arange(self._n, device=self.device))[0]
 
     def _set_centers(self, clusters: torch.Tensor, centers: torch.Tensor) -> None:
         self._centers[clusters] = centers
-        self._center_sq[clusters] = (centers * centers).sum(-1)
+        sq = (centers * centers).sum(-1)
+        self._center_sq[clusters] = sq
+        if sq.numel():
+            self._max_center_sq = torch.maximum(self._max_center_sq, sq.max())
+        if self._fitted:
+            sketch = self._sketch_of(centers)
+            self._screen_cols[clusters, :-2] = sketch
+            self._screen_cols[clusters, -2] = (sketch * sketch).sum(-1)
+
+    def _set_radii(self, clusters: torch.Tensor, radii: torch.Tensor) -> None:
+        self._radii[clusters] = radii
+        reach = (radii + self.init_radius).clamp_min(0)
+        self._screen_cols[clusters, -1] = reach.square() * (1 + _SKETCH_SLACK)
 
     def _keys_of(self, rows: torch.Tensor) -> torch.Tensor:
         """Keys [..., d] of live point rows [...] (a stored key, or the cluster's center)."""
@@ -331,7 +607,7 @@ class VectorDatabase:
         """Append keys to the key store -> their rows there."""
         m = keys.shape[0]
         if self._nk + m > self._kstore.shape[0]:
-            self._kstore = _grown(self._kstore, self._nk, max(self._nk + m, 2 * self._kstore.shape[0], 16))
+            self._kstore = _grown(self._kstore, self._nk, _capacity(self._nk + m, self._kstore.shape[0]))
         self._kstore[self._nk: self._nk + m] = keys
         self._nk += m
         return torch.arange(self._nk - m, self._nk, device=keys.device)
@@ -349,7 +625,7 @@ class VectorDatabase:
         if m == 0:
             return
         if self._np + m > self._pblocks.shape[0]:
-            cap = max(self._np + m, 2 * self._pblocks.shape[0], 16)
+            cap = _capacity(self._np + m, self._pblocks.shape[0])
             self._pkeyidx = _grown(self._pkeyidx, self._np, cap)
             self._pblocks = _grown(self._pblocks, self._np, cap)
             self._pclusters = _grown(self._pclusters, self._np, cap)
@@ -357,11 +633,14 @@ class VectorDatabase:
         self._pblocks[self._np: self._np + m] = blocks
         self._pclusters[self._np: self._np + m] = clusters
         self._np += m
+        self._live += m
 
     def _kill_points(self, rows: torch.Tensor) -> None:
-        """Mark point rows dead (forgotten); compact once dead rows outnumber live ones."""
+        """Mark point rows dead (forgotten); their clusters' runs are rewritten at the update's end."""
+        self._touched.append(self._pclusters[rows])
         self._pclusters[rows] = -1
         self._dead += int(rows.numel())
+        self._live -= int(rows.numel())
 
     def _compact_points(self) -> None:
         live = (self._pclusters[: self._np] >= 0).nonzero().squeeze(1)
@@ -396,13 +675,13 @@ class VectorDatabase:
         widest = keys.new_zeros(m).scatter_reduce_(0, torch.cat([local, torch.arange(m, device=keys.device)]),
                                                    far, reduce="amax")
         self._set_centers(clusters, centers)
-        self._radii[clusters] = widest.clamp_min(self.init_radius)
+        self._set_radii(clusters, widest.clamp_min(self.init_radius))
 
     def _shrink_alone(self, clusters: torch.Tensor, dists: torch.Tensor) -> None:
         """Conflict on distinct ``clusters``: radius d/2 - margin around the kept center, points
         outside forgotten, a no-block placeholder at the center where none survive."""
         self.conflicts += int(clusters.numel())
-        self._radii[clusters] = dists / 2 - CONFLICT_MARGIN
+        self._set_radii(clusters, dists / 2 - CONFLICT_MARGIN)
         rows, local = self._rows_of(clusters)
         keep = (self._keys_of(rows) - self._centers[clusters][local]).norm(dim=1) <= self._radii[clusters][local]
         self.forgotten += int((~keep).sum())
@@ -427,7 +706,7 @@ class VectorDatabase:
         founder_radius = torch.zeros(keys.shape[0], device=self.device)
         for cluster in torch.unique(clusters).tolist():
             events = (clusters == cluster).nonzero().squeeze(1).tolist()  # in example order
-            start, count = int(self.cluster_start[cluster]), int(self.cluster_count[cluster])
+            start, count = int(self._cstart[cluster]), int(self._ccount[cluster])
             old_rows = self._order[start: start + count]
             rows, pk, pb = old_rows.clone(), self._keys_of(old_rows), self._pblocks[old_rows]
             old_center = self._centers[cluster].clone()
@@ -453,7 +732,7 @@ class VectorDatabase:
             if not torch.equal(center, old_center):
                 self._materialize(rows[rows >= 0])  # their keys were the old center
             self._set_centers(torch.tensor([cluster], device=self.device), center[None])
-            self._radii[cluster] = radius
+            self._set_radii(torch.tensor([cluster], device=self.device), radius[None])
             self._kill_points(old_rows[~torch.isin(old_rows, rows)])
             new = rows < 0
             self._append_points(pk[new], pb[new], torch.full_like(pb[new], cluster))
@@ -464,33 +743,73 @@ class VectorDatabase:
         m = keys.shape[0]
         if m == 0:
             return
-        if self._n + m > self._centers.shape[0]:
-            cap = max(self._n + m, 2 * self._centers.shape[0], 16)
+        grew = self._n + m > self._centers.shape[0]
+        if grew:
+            cap = _capacity(self._n + m, self._centers.shape[0])
             self._centers = _grown(self._centers, self._n, cap)
             self._center_sq = _grown(self._center_sq, self._n, cap)
             self._radii = _grown(self._radii, self._n, cap)
             self._labels = _grown(self._labels, self._n, cap, fill=-100)
+            self._screen_cols = _grown(self._screen_cols, self._n, cap)
+            self._cstart = _grown(self._cstart, self._n, cap, fill=0)
+            self._ccount = _grown(self._ccount, self._n, cap, fill=0)
         if rows.shape[1] > self._labels.shape[1]:
             self._labels = _pad_columns(self._labels, rows.shape[1])
         ids = torch.arange(self._n, self._n + m, device=keys.device)
         self._n += m
         self._set_centers(ids, keys)
-        self._radii[ids] = radii.float()
+        self._set_radii(ids, radii.float())
         self._labels[ids] = _pad_columns(rows, self._labels.shape[1])
         self._append_points(None, torch.full_like(ids, block), ids)  # the founder's key is the center
+        if not self._fitted or (grew and self._n < _REFIT_BELOW):
+            self._fit_sketch()  # amortized like the copy above: the data seen so far sets the directions
 
-    def _reindex(self) -> None:
-        """Rebuild the routing index: live point rows sorted by cluster (insertion order within a
-        cluster), each cluster's run in it, and the largest center norm."""
-        if self._dead > max(self._np - self._dead, 1024):
+    def _index_batch(self, points_before: int, clusters_before: int) -> None:
+        """Rewrite the index runs of the clusters this update changed (points added or
+        forgotten) at the end of the index; compact when dead rows or stale runs dominate."""
+        changed = torch.cat(self._touched + [self._pclusters[points_before: self._np]])
+        self._touched = []
+        changed = torch.unique(changed)
+        changed = changed[changed >= 0]
+        if changed.numel():
+            old_rows, _ = self._rows_of(changed)
+            rows = torch.cat([old_rows, torch.arange(points_before, self._np, device=self.device)])
+            owner = self._pclusters[rows]
+            rows, owner = rows[owner >= 0], owner[owner >= 0]
+            at = torch.argsort(owner * self._np + rows)  # by cluster, insertion order within
+            rows, owner = rows[at], owner[at]
+            counts = torch.bincount(torch.searchsorted(changed, owner), minlength=changed.shape[0])
+            old_counts = self._ccount[changed]
+            if self._no + rows.shape[0] > self._order.shape[0]:
+                self._order = _grown(self._order, self._no, _capacity(self._no + rows.shape[0], self._order.shape[0]))
+            self._order[self._no: self._no + rows.shape[0]] = rows
+            self._cstart[changed] = self._no + torch.cumsum(counts, 0) - counts
+            self._ccount[changed] = counts
+            self._no += rows.shape[0]
+            self._multi += int((counts != 1).sum()) - int(((old_counts != 1) & (changed < clusters_before)).sum())
+        if self._dead > max(self._live, _COMPACT_MIN):
             self._compact_points()
+            self._index_all()
+        elif self._no - self._live > max(self._live, _COMPACT_MIN):  # stale runs: copy the live ones out
+            self._order = self._grouped_rows()
+            self._cstart[: self._n] = torch.cumsum(self.cluster_count, 0) - self.cluster_count
+            self._no = self._order.shape[0]
+        self._single_point = self._multi == 0
+
+    def _index_all(self) -> None:
+        """Build the routing index from scratch (after loading or compacting the point rows)."""
         clusters = self._pclusters[: self._np]
         live = (clusters >= 0).nonzero().squeeze(1)
         self._order = live[torch.argsort(clusters[live], stable=True)]  # [P]
-        self.cluster_count = torch.bincount(clusters[live], minlength=self._n)  # [C]
-        self.cluster_start = torch.cumsum(self.cluster_count, 0) - self.cluster_count  # [C]
+        self._no = self._live = int(live.shape[0])
+        counts = torch.bincount(clusters[live], minlength=self._n)
+        self._ccount = torch.zeros(self._centers.shape[0], dtype=torch.long, device=self.device)
+        self._ccount[: self._n] = counts
+        self._cstart = torch.zeros_like(self._ccount)
+        self._cstart[: self._n] = torch.cumsum(counts, 0) - counts
+        self._multi = int((counts != 1).sum())
+        self._single_point = self._multi == 0
         self._max_center_sq = self.center_sq.max() if self._n else self._center_sq.new_zeros(())
-        self._single_point = bool((self.cluster_count == 1).all())
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -523,6 +842,8 @@ class VectorDatabase:
         self._centers, self._radii, self._labels = centers.clone(), state["radii"].float().clone(), labels.clone()
         self._center_sq = (centers * centers).sum(1)
         self._n = centers.shape[0]
+        self._screen_cols = centers.new_zeros(self._n, self._screen_cols.shape[1])
+        self._set_radii(torch.arange(self._n, device=centers.device), self._radii[: self._n].clone())
         at_center = (keys == centers[clusters]).all(1) if keys.shape[0] else torch.zeros(0, dtype=torch.bool)
         self._kstore, self._nk = keys[~at_center].clone(), int((~at_center).sum())
         idx = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
@@ -530,4 +851,6 @@ class VectorDatabase:
         self._pkeyidx, self._pblocks, self._pclusters = idx, state["point_blocks"].long().clone(), clusters.clone()
         self._np = keys.shape[0]
         self.conflicts, self.forgotten = (int(v) for v in state["counters"].tolist())
-        self._reindex()
+        self._index_all()
+        if self._n:
+            self._fit_sketch()
