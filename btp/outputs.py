@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from btp.checkpoint import atomic_write_text
+from btp.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,11 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-#: The summary's headline values in reading order; ``*_alone`` follows its batched value.
-SUMMARY_LINE_KEYS = ("ES", "ERR", "TRR", "locality", "holdout", "ARR")
+#: The summary's headline values in reading order: the edit stream's and upstream's, then every
+#: registered task's extra evaluation sets (:mod:`btp.tasks`); a run shows those its summary has,
+#: and ``*_alone`` follows its batched value.
+SUMMARY_LINE_KEYS: tuple[str, ...] = ("ES", "ERR", "TRR", "locality") + tuple(dict.fromkeys(
+    s.name for spec in TASKS.values() for s in spec.eval_sets))
 
 
 def summary_line(summary: dict[str, Any]) -> str:

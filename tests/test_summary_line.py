@@ -1,10 +1,16 @@
-"""The run's closing summary line: headline values, asked-alone values beside them, n/a for NaN."""
+"""The run's closing summary line: headline values, asked-alone values beside them, n/a for NaN;
+its keys and the docs' list of summary keys follow the task registry."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from btp.outputs import summary_line
+from btp.outputs import SUMMARY_LINE_KEYS, summary_line
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("summary,want", [
@@ -20,3 +26,35 @@ from btp.outputs import summary_line
 ])
 def test_summary_line(summary: dict, want: str) -> None:
     assert summary_line(summary) == want
+
+
+def test_summary_line_keys_are_the_registry_sets() -> None:
+    from btp.tasks import TASKS
+
+    sets = {s.name for spec in TASKS.values() for s in spec.eval_sets}
+    assert set(SUMMARY_LINE_KEYS) == {"ES", "ERR", "TRR", "locality"} | sets
+
+
+@pytest.mark.parametrize("doc,heading", [("README.md", "### Outputs"),
+                                         ("docs/architecture.md", "### Outputs of a run")])
+def test_docs_list_the_summary_keys_of_the_runner_and_the_registry(doc: str, heading: str) -> None:
+    """The docs' list of summary.json keys: every key the runner writes, then each task's extra
+    evaluation sets as ``name`` (tasks), the same as the task registry's."""
+    from btp.runner import SUMMARY_KEYS
+    from btp.tasks import TASKS
+
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    end = section.find("\n#", 1)
+    section = section if end < 0 else section[:end]
+    listed = section[section.index("`summary.json` ("):]
+    common, extra = listed.split("plus", 1)
+    assert set(re.findall(r"`(\w+)`", common)) == set(SUMMARY_KEYS)
+    extra = extra[:extra.index("`adapter/`")]
+    documented = {name: {t.strip() for t in tasks.split(",")}
+                  for name, tasks in re.findall(r"`(\w+)`\s+\(([a-z_, ]+)\)", extra)}
+    registry: dict[str, set[str]] = {}
+    for spec in TASKS.values():
+        for s in spec.eval_sets:
+            registry.setdefault(s.name, set()).add(spec.name)
+    assert documented == registry
