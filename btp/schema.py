@@ -190,6 +190,7 @@ class GraceCfg:
     val_init: str = "cold"  # cold (uniform [0, 1)) | warm (the layer output at the key token)
     eps_expand: str = "coverage"  # coverage | moving_average
     val_train: str = "sgd"  # sgd (plain training) | adv (noise on the batch's other values)
+    cache_frozen_prefix: bool = True  # blocks below the wrapped layer's block run once per edit
 
 
 @dataclass

@@ -4,6 +4,7 @@ needed)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from btp.editors.base import EDITORS
 from btp.editors.ewc import fisher_and_anchor
 from btp.editors.ft import FtEditor, FtEwcEditor, labels_predicted
+from btp.editors.grace import GraceEditor
 from btp.editors.plain_lora import PlainLoraEditor, lora_rank
 from btp.errors import ConfigError
 from btp.schema import MeloCfg
@@ -269,19 +271,25 @@ def test_plain_lora_is_peft_lora(kind, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDS))
-@pytest.mark.parametrize("editor", ["ft", "plain_lora"])
-def test_frozen_prefix_cache_gives_the_uncached_baseline_edit(kind: str, editor: str) -> None:
-    """FT (GRACE's layer) and plain LoRA with the blocks below their trained layers cached: the
-    same losses (fp32, relative 1e-5) and weights as the uncached steps."""
+@pytest.mark.parametrize("editor", ["ft", "plain_lora", "grace"])
+def test_frozen_prefix_cache_gives_the_uncached_baseline_edit(kind: str, editor: str, caplog) -> None:
+    """FT (GRACE's layer), plain LoRA and GRACE's values with the blocks below their trained
+    layers cached: the same losses (fp32, relative 1e-5) and weights / codebook as the uncached
+    steps."""
+    caplog.set_level(logging.DEBUG, logger="peft_melo.prefix_cache")
     build, make = BUILDS[kind]
+    configs = {"ft": (FtEditor, FT), "plain_lora": (PlainLoraEditor, LORA),
+               "grace": (GraceEditor, {"num_iter": 5, "edit_lr": 1.0})}
     results = {}
     for cached in (True, False):
         torch.manual_seed(0)
         model, mcfg = build()
         b = _wrong(kind, model, make(n=2, seed=1))
-        cfg = {**(FT if editor == "ft" else LORA), "cache_frozen_prefix": cached}
-        ed = FtEditor(model, cfg, mcfg) if editor == "ft" else PlainLoraEditor(model, cfg, mcfg)
+        cls, cfg = configs[editor]
+        ed = cls(model, {**cfg, "cache_frozen_prefix": cached}, mcfg)
         results[cached] = (ed.edit(b).losses, ed.state_dict())
+    cached_blocks = [r.getMessage() for r in caplog.records if "blocks cached" in r.getMessage()]
+    assert cached_blocks and " 0 of " not in cached_blocks[0]  # the cached edit skipped blocks
     (on, on_state), (off, off_state) = results[True], results[False]
     assert len(on) == len(off) > 1 and on[-1] < on[0]
     torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-5, atol=0)

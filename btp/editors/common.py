@@ -232,9 +232,12 @@ class _NoPrefixCache:
         """Nothing recorded, nothing to replay."""
 
 
-def frozen_prefix(model: nn.Module, enabled: bool) -> Any:
-    """The frozen-prefix cache over the modules ``model`` trains now (call inside the edit, once
-    the trained weights require grad), or a no-op when ``enabled`` is false."""
+def frozen_prefix(model: nn.Module, enabled: bool, adapted: list[str] | None = None) -> Any:
+    """The frozen-prefix cache below ``adapted`` (module names; default: the modules ``model``
+    trains now, so call it inside the edit, once the trained weights require grad), or a no-op
+    when ``enabled`` is false."""
     from peft_melo import FrozenPrefixCache, trainable_modules
 
-    return FrozenPrefixCache(model, trainable_modules(model)) if enabled else _NoPrefixCache()
+    if not enabled:
+        return _NoPrefixCache()
+    return FrozenPrefixCache(model, trainable_modules(model) if adapted is None else adapted)

@@ -64,8 +64,9 @@ again at the same positions: same result).
 
 Config (section ``grace``): ``layer``, ``init_radius``, ``edit_lr``, ``num_iter``,
 ``replacement``, ``batch_size`` (used by the runner), ``error_filter``, ``label_match``,
-``key_id``, ``key_position``, ``val_init``, ``eps_expand``, ``val_train``. Missing keys take the
-defaults above.
+``key_id``, ``key_position``, ``val_init``, ``eps_expand``, ``val_train``,
+``cache_frozen_prefix`` (default true: the blocks below the wrapped layer's block run once per
+edit instead of at every training step; same losses). Missing keys take the defaults above.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ from btp.editors.common import (
     ERROR_FILTERS,
     cfg_get,
     check_choice,
+    frozen_prefix,
     get_module,
     layer_dims,
     model_device,
@@ -505,6 +507,7 @@ class GraceEditor(Editor):
         self.error_filter = check_choice("grace", "error_filter", s.error_filter, ERROR_FILTERS)
         self.edit_lr = s.edit_lr
         self.num_iter = s.num_iter
+        self.cache_frozen_prefix = s.cache_frozen_prefix
         self.is_seq2seq = self.kind == "seq2seq"
         self.skipped = 0  # records the filter left unedited (the model already got them right)
         log.info("GRACE wraps %s (key dim %d, value dim %d), replacement=%s, key=%s, "
@@ -571,9 +574,13 @@ class GraceEditor(Editor):
         # 3) train only the touched values with Adam; fresh optimizer per edit.
         values = self.codebook.values[index].clone().requires_grad_(True)
         opt = make_optimizer("adam", [values], self.edit_lr)
-        with self._context(make_context(batch, causal), "train"), torch.enable_grad():
+        # The trained values live in the codebook's hook, not in a module: the blocks below the
+        # wrapped layer's block see the same input at every step and run once (the cache).
+        prefix = frozen_prefix(self.base_model, self.cache_frozen_prefix, [self.layer_name])
+        with self._context(make_context(batch, causal), "train"), torch.enable_grad(), prefix:
             self.codebook.train_values, self.codebook.train_assign = values, assign
-            losses = run_steps(opt, self.num_iter, lambda _: Step(self.base_model(**batch).loss))
+            losses = run_steps(opt, self.num_iter, lambda _: Step(self.base_model(**batch).loss),
+                               prefix=prefix)
         with torch.no_grad():
             self.codebook.values[index] = values.detach().to(self.codebook.values.dtype)
         return EditOutcome(losses=losses, time_s=time.perf_counter() - t0)
