@@ -254,3 +254,30 @@ def test_frozen_prefix_cache_gives_the_uncached_edit(case: Case) -> None:
     assert on_db.keys() == off_db.keys() and all(torch.equal(on_db[k], off_db[k]) for k in on_db)
     # the cache is released after the edit: no block keeps a patched forward
     assert not any("forward" in vars(m) for m in melo.model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_edit_runs_under_bf16_autocast_only_for_a_bf16_model(dtype: torch.dtype) -> None:
+    """A bf16 base model: every forward of the edit runs under bf16 autocast (the adapted layers'
+    LoRA matmuls too) while the factors and the database stay fp32, and the edit learns; an fp32
+    model edits without autocast."""
+    from peft_melo.layer import MeloLayer
+
+    case = next(c for c in CASES if c.name == "llama-2-7b")
+    torch.manual_seed(0)
+    base = case.build().to(dtype)
+    melo = get_melo_model(base, MeloConfig(target_modules=list(case.targets), grace_layer=case.grace_layer,
+                                           num_block=2, num_rank_per_block=2, init_radius=1e-3,
+                                           num_iter=6, edit_lr=5e-2))
+    seen: list[tuple[bool, torch.dtype]] = []
+    layer = next(m for m in melo.model.modules() if isinstance(m, MeloLayer))
+    handle = layer.register_forward_hook(
+        lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    result = melo.edit(make_batch(case.kind, n=2))
+    handle.remove()
+    assert len(seen) == 6 and {s[0] for s in seen} == {dtype == torch.bfloat16}
+    assert {s[1] for s in seen} == {dtype}
+    assert result.losses[-1] < result.losses[0]
+    assert all(p.dtype == torch.float32 for _, p in melo.melo_parameters())
+    assert melo.database.centers.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")  # left as it was

@@ -185,7 +185,8 @@ class MeloModel(BaseTuner):
 
         Every example is forced to the new block; a fresh optimizer over the LoRA factors runs
         ``num_iter`` steps with StepLR; the base model and every other block stay bit-identical;
-        the database takes the batch's keys at the first iteration.
+        the database takes the batch's keys at the first iteration. The forwards run under bf16
+        autocast when the base model is bf16 (see :meth:`_edit_autocast`).
         """
         cfg = self.config_
         if "labels" not in batch:
@@ -219,7 +220,8 @@ class MeloModel(BaseTuner):
             with prefix:
                 for iteration in range(cfg.num_iter):
                     self.routing.begin_forward(batch.get("attention_mask"), batch.get("labels"))
-                    loss = self.model(**inputs).loss
+                    with self._edit_autocast():
+                        loss = self.model(**inputs).loss
                     if iteration == 0:
                         self.database.update(self.routing.last_keys, batch["labels"], block)
                         if cfg.cache_frozen_prefix:
@@ -242,6 +244,17 @@ class MeloModel(BaseTuner):
         cached = prefix.cached_blocks if cfg.cache_frozen_prefix else {}
         return EditResult(losses=torch.stack(losses).tolist(), time_s=elapsed, block=block,
                           cached_blocks=cached)
+
+    def _edit_autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for an edit's forwards when the base model is bf16 (on CUDA or CPU):
+        its matmuls, the LoRA ones included, run in bf16 instead of casting the bf16 activations
+        up to the fp32 factors; the factors, their gradients, the optimizer state and the
+        database stay fp32. Any other base dtype: no autocast (the forwards as at inference)."""
+        base = next((p for n, p in self.model.named_parameters()
+                     if ".melo_A." not in n and ".melo_B." not in n and p.is_floating_point()), None)
+        if base is None or base.dtype != torch.bfloat16 or base.device.type not in ("cuda", "cpu"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=base.device.type, dtype=torch.bfloat16)
 
     def _adapted_names(self) -> list[str]:
         """Full module names of the MELO layers."""
