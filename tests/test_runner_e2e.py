@@ -1,4 +1,5 @@
-"""End-to-end: the seed's command form on the tiny models and the shipped sample, one per task.
+"""End-to-end: README's command form (``cd btp && python run.py ...``) on the tiny models and
+the shipped sample, one per task.
 
 Each run uses the tiny model's demo hyperparameters (config/values/model/tiny-*.yaml) with a short
 stream, and checks that edits are learned, upstream predictions are kept, and every output of a

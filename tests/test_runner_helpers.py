@@ -36,7 +36,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run_cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
             cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``cd btp && python run.py <overrides> hydra.run.dir=<run_dir>`` (the seed's form)."""
+    """``cd btp && python run.py <overrides> hydra.run.dir=<run_dir>`` (README's form)."""
     cmd = [sys.executable, str(RUN_PY), *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, cwd=str(cwd or RUN_PY.parent), env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
