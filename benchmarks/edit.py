@@ -9,13 +9,15 @@ median per-round ratio with its spread. ``torch.set_flush_denormal(True)`` is on
 * ``edit_vs_uncached_gpt2xl``: the same on GPT-2 XL's widths (n_embd 1600, 25 heads, FFN 6400,
   vocab 50257) with the hallucination config's layers: targets h.36/h.37 ``mlp.c_fc``, key layer
   h.35, r = 700; ``--gpt2xl-layers`` blocks in all (48 = the real model; fewer keeps the 13 blocks
-  from the key layer up and drops lower ones, which raises the ratio), batch 4 x 32 tokens.
+  from the key layer up and drops lower ones, which raises the ratio), batch 4 x 32 tokens,
+  ``--gpt2xl-iters`` steps per edit (default 6; the hallucination task runs 50, and more steps
+  only lower the ratio towards its floor: the first step runs every block either way).
 * ``edit_vs_plain_lora_0`` / ``edit_vs_plain_lora_10000``: the T5 MELO edit (cache on, its
   default) with an empty database and with 10,000 stored clusters, against the same number of
   Adam + StepLR steps of upstream peft's ``LoraModel`` on the same modules and rank.
 
 Usage: python -m benchmarks.edit [--iters N] [--rounds N] [--device cpu|cuda] [--threads N]
-       [--gpt2xl-layers N] [--skip-gpt2xl]
+       [--gpt2xl-layers N] [--gpt2xl-iters N] [--skip-gpt2xl]
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpt2xl-layers", type=int, default=48)
+    parser.add_argument("--gpt2xl-iters", type=int, default=6, help="optimizer steps per GPT-2 XL edit")
     parser.add_argument("--skip-gpt2xl", action="store_true")
     args = parser.parse_args()
     setup(args.threads)
@@ -132,8 +135,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(2)
         ids = torch.randint(0, 50257, (4, 32), generator=g).to(dev)
         gbatch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        xl_melo = melo_model(model, targets, key, max(2, args.iters // 3), 350, 2)
-        xl = interleaved(f"gpt2xl ({args.gpt2xl_layers} blocks) cached / uncached edit",
+        xl_melo = melo_model(model, targets, key, args.gpt2xl_iters, 350, 2)
+        xl = interleaved(f"gpt2xl ({args.gpt2xl_layers} blocks, {args.gpt2xl_iters} steps) cached / uncached edit",
                          editor(xl_melo, gbatch, True), editor(xl_melo, gbatch, False),
                          max(3, args.rounds // 2), dev)
         lines.append(f"edit_vs_uncached_gpt2xl={xl.median:.3f}")
