@@ -281,3 +281,37 @@ def test_edit_runs_under_bf16_autocast_only_for_a_bf16_model(dtype: torch.dtype)
     assert all(p.dtype == torch.float32 for _, p in melo.melo_parameters())
     assert melo.database.centers.dtype == torch.float32
     assert not torch.is_autocast_enabled("cpu")  # left as it was
+
+
+@pytest.mark.parametrize("name", ["t5-small-ssm-nq", "llama-2-7b"])
+def test_adapted_layers_never_wait_for_the_device(name: str) -> None:
+    """A routed forward reads no tensor value back to the host inside the adapted layers (no
+    ``.item()``, ``.tolist()``, ``bool(tensor)``, ``nonzero``): on a GPU each would stall the
+    stream once per layer. The routing decision is taken once per forward, at the key layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from peft_melo.layer import MeloLayer
+
+    case = next(c for c in CASES if c.name == name)
+    batch = make_batch(case.kind, n=4)
+    _, melo = _melo(case)
+    _randomise(melo)
+    melo.database.update(_keys(melo, batch)[:2], batch["labels"][:2], block=0)  # rows 0, 1 routed
+    inside: list[str] = []
+    reads: dict[str, int] = {"layers": 0, "elsewhere": 0}
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+                reads["layers" if inside else "elsewhere"] += 1
+            return func(*args, **(kwargs or {}))
+
+    for module in melo.model.modules():
+        if isinstance(module, MeloLayer):
+            module.register_forward_pre_hook(lambda m, a: inside.append(m._layer_name))
+            module.register_forward_hook(lambda m, a, o: inside.pop() and None)
+    with torch.no_grad(), CountReads():
+        melo(**batch)
+    assert melo.routing.blocks.tolist()[:2] == [0, 0]
+    assert reads["layers"] == 0
+    assert reads["elsewhere"] <= 4  # the one routing decision (nearest-center checks, any routed)
