@@ -47,3 +47,15 @@ def tiny_model() -> Callable[[str], tuple[Any, Any]]:
         return cache[arch]
 
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test: the machine's 2 cores are shared, and
+    oversubscription made a 20-step edit of a tiny T5 take over a minute instead of ~2 s."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

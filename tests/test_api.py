@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from btp.api import FactEditor
 from btp.errors import ConfigError, RunDirError
@@ -18,12 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 FACT = ("The mother tongue of Danielle Darrieux is", "English")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _first_target_token(editor: FactEditor) -> str:

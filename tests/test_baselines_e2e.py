@@ -9,13 +9,13 @@ numbers as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from btp.editors.base import EDITORS
-from tests.test_baselines_tiny import one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,8 +84,10 @@ def test_baseline_runs_like_melo(alg: str, task: str, tmp_path: Path, melo_keys)
     # The stream is cut by the algorithm's batch_size: GRACE's, FT's and FT+EWC's is 1 (the GRACE
     # repository edits one record at a time), plain LoRA's is null (num_edit_per_block=2).
     assert summary["n_batches"] == (2 if alg == "plain_lora" else 4)
-    for key in METRIC_KEYS:
-        assert summary[key] is not None
+    for key in METRIC_KEYS:  # a value for every metric; ES is NaN where the last chunk has no
+        # target token left (a hallucination record cut to data.max_length=64), the others not
+        assert isinstance(summary[key], float), key
+        assert key == "ES" or math.isfinite(summary[key]), key
     assert 0.0 <= summary["locality"] <= 1.0
     if alg == "grace":
         assert summary["clusters"] >= 1 and summary["forgotten"] == 0

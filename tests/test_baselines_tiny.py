@@ -25,16 +25,6 @@ BERT_TARGETS = [f"bert.encoder.layer.{i}.output.dense" for i in (9, 10, 11)]
 GPT2_TARGETS = ["transformer.h.36.mlp.c_fc", "transformer.h.37.mlp.c_fc"]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the machine's 2 cores are shared, and oversubscription made a
-    20-step edit of a tiny T5 take over a minute instead of ~2 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():

@@ -17,10 +17,9 @@ from btp.editors.grace import GraceEditor
 from btp.editors.plain_lora import PlainLoraEditor, lora_rank
 from btp.errors import ConfigError
 from btp.schema import MeloCfg
-from tests.test_baselines_tiny import (  # noqa: F401 - one_thread is a fixture
+from tests.test_baselines_tiny import (
     causal_batch,
     cls_batch,
-    one_thread,
     seq2seq_batch,
     tiny_bert,
     tiny_gpt2,

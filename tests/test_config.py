@@ -97,12 +97,15 @@ def test_data_dir_is_the_repo_data_folder_absolute() -> None:
 
 
 def test_typo_on_the_command_line_fails_at_compose() -> None:
-    with pytest.raises(Exception, match="num_iters"):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="num_iters"):
         _compose("+alg=lora", "+experiment=qa", "+model=t5small", "melo.num_iters=3")
-    with pytest.raises(Exception, match="max_n_edit"):
+    with pytest.raises(ConfigCompositionException, match="max_n_edit"):
         _compose("+alg=lora", "+experiment=qa", "+model=t5small", "max_n_edit=3")
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigCompositionException, match="task=translation") as bad_task:
         _compose("+alg=lora", "+experiment=qa", "+model=t5small", "task=translation")
+    assert "Invalid value 'translation', expected one of [qa," in str(bad_task.value.__cause__)
     added = _compose("+alg=lora", "+experiment=qa", "+model=t5small", "+melo.num_iters=3")
     with pytest.raises(ConfigError, match="melo.num_iters"):
         check_known_keys(added)

@@ -19,8 +19,7 @@ from btp.editors.grace import (
     label_rows,
 )
 from btp.errors import ConfigError
-from tests.test_baselines_tiny import (  # noqa: F401 - one_thread is a fixture
-    one_thread,
+from tests.test_baselines_tiny import (
     causal_batch,
     cls_batch,
     seq2seq_batch,

@@ -29,7 +29,6 @@ from btp.editors.lm_edit import (Capture, block_of, decode_facts, default_memit_
 from btp.editors.memit import MemitEditor, memit_delta
 from btp.editors.wise import WiseEditor, ties_merge
 from btp.models import load_model_and_tokenizer
-from tests.test_baselines_tiny import one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from btp import checkpoint
-from tests.test_baselines_tiny import one_thread  # noqa: F401 - fixture
 from tests.test_runner_helpers import cli_env, explain, read_metrics, read_summary, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
