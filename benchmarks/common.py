@@ -88,5 +88,5 @@ def setup(threads: int) -> None:
     # With random weights an untied LM head gives huge logits whose gradients fill with
     # denormals; without flushing, one backward matmul can take 50x longer.
     torch.set_flush_denormal(True)
-    log.info("torch %s, threads %d, flush_denormal on; %s", torch.__version__,
-             torch.get_num_threads(), load_line())
+    log.info("torch %s, threads %d, OMP_WAIT_POLICY %s, flush_denormal on; %s", torch.__version__,
+             torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset"), load_line())

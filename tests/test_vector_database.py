@@ -206,12 +206,13 @@ STREAMS = [
 
 # Settings that send the same streams down the other paths of the search and the index: a
 # one-direction sketch (weak bounds, many candidates), one candidate per key (the full search
-# behind the screen), steps of four centers (bounds kept per step), compaction at every update.
+# behind the screen), steps of four centers (bounds kept per step; keys opening more than two
+# steps searched in full), compaction at every update.
 SEARCH_VARIANTS = {
     "default": {},
     "narrow sketch": {"SKETCH_DIMS": 1},
     "one candidate": {"_MAX_CANDIDATES": 1},
-    "small steps": {"_SCREEN_CHUNK": 4, "_MIN_STEP": 4},
+    "small steps": {"_SCREEN_STEP": 4, "_SCREEN_SPAN": 8, "_MAX_STEPS": 2},
     "eager compaction": {"_COMPACT_MIN": 0},
 }
 
@@ -369,7 +370,7 @@ def test_screen_skips_the_search_only_for_keys_beyond_every_reach(monkeypatch) -
     its nearest center than that cluster's reach; a searched key gets the full search's answer."""
     import peft_melo.vector_database as vdb
 
-    monkeypatch.setattr(vdb, "_SCREEN_CHUNK", 1024)
+    monkeypatch.setattr(vdb, "_SCREEN_STEP", 256)
     gen = torch.Generator().manual_seed(5)
     dim = 64
     db = VectorDatabase(init_radius=1.0)

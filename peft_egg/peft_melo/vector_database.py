@@ -46,13 +46,15 @@ SKETCH_DIMS = 32
 # Relative error allowed for a sketch bound, against |key|^2 + |center|^2: float32 rounding of
 # the projections and of the expanded form stays near sqrt(d) * 1.2e-7, a hundred times below.
 _SKETCH_SLACK = 1e-3
-# Candidates per key beyond which the exact search runs over every center instead.
+# Candidates per key, and steps of centers a key's bound leaves open, beyond which the exact
+# search runs over every center instead (the sketch does not separate that key).
 _MAX_CANDIDATES = 256
-# Centers per screening step (the [keys, step] score matrix stays in cache), and the fewest
-# when the batch is so large that the score matrix is bounded by _NEAREST_CHUNK instead.
-_SCREEN_CHUNK = 1 << 13
-_MIN_STEP = 1024
-_STEPS_PER_PRODUCT = 8
+_MAX_STEPS = 64
+# Centers per step: the screen keeps each key's least bound per step, and the search of a key
+# opens whole steps. Centers per product of the screen (a multiple of the step): its [keys, span]
+# scores stay in cache; larger spans mean fewer parallel regions but slower memory.
+_SCREEN_STEP = 1024
+_SCREEN_SPAN = 1 << 13
 # Strided sample of centers that the sketch directions are fitted on.
 _FIT_SAMPLE = 2048
 # Directions are refitted while the database is below this size (they follow the data while it
@@ -70,8 +72,8 @@ class _Screen:
     """Sketch screening of a batch of keys (see :meth:`VectorDatabase._screen`).
 
     ks [n, p + 1] sketches, ks_sq [n] their squared norms, slack [n] rounding room, lows [n, S]
-    per step of ``step`` centers the least ``|ks - cs|^2 - |ks|^2 - reach^2``, least_need [S]
-    each step's least squared reach.
+    per step of ``_SCREEN_STEP`` centers the least ``|ks - cs|^2 - |ks|^2 - reach^2``,
+    least_need [S] each step's least squared reach.
     """
 
     ks: torch.Tensor
@@ -79,10 +81,9 @@ class _Screen:
     slack: torch.Tensor
     lows: torch.Tensor
     least_need: torch.Tensor
-    step: int
 
     def select(self, rows: torch.Tensor) -> "_Screen":
-        return _Screen(self.ks[rows], self.ks_sq[rows], self.slack[rows], self.lows[rows], self.least_need, self.step)
+        return _Screen(self.ks[rows], self.ks_sq[rows], self.slack[rows], self.lows[rows], self.least_need)
 
 
 def _as_label_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -322,8 +323,8 @@ class VectorDatabase:
         basis, _ = torch.linalg.qr(torch.cat([vh[:p].T, eye], dim=1))  # first columns span vh[:p]
         self._proj = basis[:, :p].float().contiguous()
         self._fitted = True
-        for first in range(0, n, _SCREEN_CHUNK):
-            last = min(n, first + _SCREEN_CHUNK)
+        for first in range(0, n, _SCREEN_SPAN):
+            last = min(n, first + _SCREEN_SPAN)
             sketch = self._sketch_of(self._centers[first: last])
             self._screen_cols[first: last, :-2] = sketch
             self._screen_cols[first: last, -2] = (sketch * sketch).sum(1)
@@ -337,12 +338,9 @@ class VectorDatabase:
         ``[n, p + 3] x [p + 3, C]`` product (see ``_screen_cols``) in spans of centers, of which
         each step keeps only its minimum per key (the [n, C] matrix never exists)."""
         ks = self._sketch_of(keys)  # [n, p + 1]
-        n, count = keys.shape[0], len(self)
+        n, count, step = keys.shape[0], len(self), _SCREEN_STEP
         ones = ks.new_ones(n, 1)
-        step = max(_MIN_STEP, min(_SCREEN_CHUNK, _NEAREST_CHUNK // max(n, 1)))
-        # Several steps per product: fewer, larger parallel regions (each one waits for every
-        # thread, which costs most on a shared machine); the minima are still kept per step.
-        span = step * max(1, min(_STEPS_PER_PRODUCT, _NEAREST_CHUNK // max(n * step, 1)))
+        span = step * max(1, min(_SCREEN_SPAN, _NEAREST_CHUNK // max(n, 1)) // step)
         rows = torch.cat([-2.0 * ks, ones, -ones], dim=1)  # [n, p + 3]
         lows = []
         for first in range(0, count, span):
@@ -355,62 +353,67 @@ class VectorDatabase:
                 lows.append(scores[:, whole:].amin(1, keepdim=True))
         need = torch.nn.functional.pad(self._screen_cols[:count, -1], (0, -count % step), value=float("inf"))
         return _Screen(ks, (ks * ks).sum(1), self._sketch_slack(keys), torch.cat(lows, 1),
-                       need.view(-1, step).amin(1), step)
+                       need.view(-1, step).amin(1))
+
+    def _scan_steps(self, bound_rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``|cs|^2 - 2 ks.cs`` of one key over one whole step per pair, batched.
+
+        Args:
+            bound_rows: [P, p + 3] each pair's key row ``[-2 ks, 1, 0]``.
+            steps: [P] each pair's step.
+
+        Returns:
+            scores [P, step] (inf past the last center) and the centers they belong to [P, step].
+        """
+        count = len(self)
+        centers = steps[:, None] * _SCREEN_STEP + torch.arange(_SCREEN_STEP, device=steps.device)  # [P, step]
+        cols = self._screen_cols[centers.clamp_max(count - 1)]  # [P, step, p + 3]
+        scores = torch.bmm(cols, bound_rows[:, :, None]).squeeze(2)
+        return scores.masked_fill(centers >= count, float("inf")), centers
 
     def _nearest_screened(self, keys: torch.Tensor, screen: "_Screen") -> tuple[torch.Tensor, torch.Tensor]:
         """Exact nearest center per key, as :meth:`_nearest`, searching only the centers whose
         sketch bound does not exceed the distance to a first candidate (the nearest is among
-        them), in the steps of centers whose screened minimum allows one; a key with more than
-        ``_MAX_CANDIDATES`` such centers is searched over all of them."""
-        m, dev, step = keys.shape[0], keys.device, screen.step
-        centers = self.centers
+        them), in the steps whose screened minimum allows one. A key with more than
+        ``_MAX_STEPS`` such steps or ``_MAX_CANDIDATES`` such centers is searched over all."""
+        m, dev = keys.shape[0], keys.device
+        all_rows = torch.arange(m, device=dev)
         # [m, p + 3] rows giving |cs|^2 - 2 ks.cs = the squared bound - |ks|^2 (no reach)
         bound_rows = torch.cat([-2.0 * screen.ks, screen.ks.new_ones(m, 1), screen.ks.new_zeros(m, 1)], dim=1)
-        limit = torch.empty(m, device=dev)
-        found_rows, found_cols = [], []
-        counts = torch.zeros(m, dtype=torch.long, device=dev)
-
-        def collect(first: int, rows: torch.Tensor, scores: torch.Tensor) -> None:
-            """Keep the centers of one step within each row's limit (at most _MAX_CANDIDATES)."""
-            nonlocal counts
-            r, c = (scores <= limit[rows, None]).nonzero(as_tuple=True)
-            counts += torch.bincount(rows[r], minlength=m)
-            keep = counts[rows[r]] <= _MAX_CANDIDATES  # an overflowing key collects no more
-            found_rows.append(rows[r][keep])
-            found_cols.append(c[keep] + first)
-
         # The step with the least screened value first: its nearest sketch is the first
-        # candidate, whose exact distance bounds the search, and its other centers are collected.
-        best_step = screen.lows.argmin(1)  # [m]
-        for s in torch.unique(best_step).tolist():
-            rows = (best_step == s).nonzero().squeeze(1)
-            first = s * step
-            scores = bound_rows[rows] @ self._screen_cols[first: min(len(self), first + step)].T  # [r, w]
-            seed = scores.argmin(1) + first
-            upper = (keys[rows] - centers[seed]).norm(dim=1)  # the nearest is at most this far
-            # candidates: |ks - cs|^2 <= upper^2 (+ rounding room)
-            limit[rows] = upper.square() * (1 + _SKETCH_SLACK) + screen.slack[rows] - screen.ks_sq[rows]
-            found_rows.append(rows)
-            found_cols.append(seed)
-            collect(first, rows, scores)
-        # Other steps only where the screened minimum (+ the step's least reach) allows a candidate.
+        # candidate, whose exact distance bounds the search; its other centers are collected.
+        best = screen.lows.argmin(1)  # [m]
+        scores, centers = self._scan_steps(bound_rows, best)
+        seed = centers.gather(1, scores.argmin(1, keepdim=True)).squeeze(1)
+        upper = (keys - self.centers[seed]).norm(dim=1)  # [m] the nearest is at most this far
+        # candidates: |ks - cs|^2 <= upper^2 (+ rounding room)
+        limit = upper.square() * (1 + _SKETCH_SLACK) + screen.slack - screen.ks_sq
+        r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
+        found_rows, found_cols = [all_rows, r], [seed, centers[r, c]]
+        # Other steps only where the screened minimum (+ the step's least reach) allows one.
         visit = screen.lows + screen.least_need[None, :] <= (limit + screen.slack)[:, None]  # [m, steps]
-        visit[torch.arange(m, device=dev), best_step] = False
-        for s in visit.any(0).nonzero().squeeze(1).tolist():
-            rows = visit[:, s].nonzero().squeeze(1)
-            first = s * step
-            collect(first, rows, bound_rows[rows] @ self._screen_cols[first: min(len(self), first + step)].T)
-        overflow = counts > _MAX_CANDIDATES
+        visit[all_rows, best] = False
+        full = visit.sum(1) > _MAX_STEPS
+        visit &= ~full[:, None]
+        pair_rows, pair_steps = visit.nonzero(as_tuple=True)
+        per_call = max(1, _NEAREST_CHUNK // (_SCREEN_STEP * bound_rows.shape[1]))  # bounds the gather
+        for first in range(0, pair_rows.shape[0], per_call):
+            rows, steps = pair_rows[first: first + per_call], pair_steps[first: first + per_call]
+            scores, centers = self._scan_steps(bound_rows[rows], steps)
+            r, c = (scores <= limit[rows, None]).nonzero(as_tuple=True)
+            found_rows.append(rows[r])
+            found_cols.append(centers[r, c])
         rows, cols = torch.cat(found_rows), torch.cat(found_cols)
-        keep = ~overflow[rows]
+        full |= torch.bincount(rows, minlength=m) > _MAX_CANDIDATES + 1  # the seed counts twice
+        keep = ~full[rows]
         rows, cols = rows[keep], cols[keep]
-        exact = (keys[rows] - centers[cols]).norm(dim=1)  # as _nearest and a per-cluster loop
+        exact = (keys[rows] - self.centers[cols]).norm(dim=1)  # as _nearest and a per-cluster loop
         dist = torch.full((m,), float("inf"), device=dev).scatter_reduce(0, rows, exact, "amin")
         at_min = exact == dist[rows]
         idx = torch.full((m,), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)
         idx = idx.scatter_reduce(0, rows[at_min], cols[at_min], "amin")  # lowest index on a tie
-        if bool(overflow.any()):
-            many = overflow.nonzero().squeeze(1)
+        if bool(full.any()):
+            many = full.nonzero().squeeze(1)
             idx[many], dist[many] = self._nearest(keys[many])
         return idx, dist
 
