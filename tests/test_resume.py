@@ -1,10 +1,14 @@
-"""Kill-and-resume: a run killed with SIGKILL resumes from its checkpoint when re-run with the
-same command and hydra.run.dir, and ends with the same summary.json and metrics.jsonl as an
-uninterrupted run (edit times aside).
+"""Kill-and-resume: a stopped run resumes from its checkpoint when re-run with the same command
+and hydra.run.dir, and ends with the same summary.json and metrics.jsonl as an uninterrupted run
+(edit times aside).
 
-Kills happen at chosen points through the ``BTP_TEST_KILL_AT=<batches_done>:<point>`` hook
-(btp/checkpoint.py): after a checkpoint, in the middle of writing one (temporary file written,
-not yet renamed), and in the middle of a batch (edited, not yet checkpointed).
+One run is killed for real: ``python run.py`` in a subprocess gets SIGKILL in the middle of
+writing its checkpoint (the temporary file written, not yet renamed; the
+``BTP_TEST_KILL_AT=<batches_done>:<point>`` hook of btp/checkpoint.py), so that what a crash
+leaves behind (the temporary file, the lock of a dead process) is what the next start finds. The
+other stopping points, after a checkpoint and after an edit that was not checkpointed yet, stop a
+run in this process (the loop's hook raises there) and leave the same checkpoint. A resume with a
+changed config is refused: tests/test_bad_input.py ("partial run, other num_iter").
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ from pathlib import Path
 import pytest
 
 from btp import checkpoint
-from tests.test_runner_helpers import cli_env, explain, read_metrics, read_summary, run_cli
+from tests.test_runner_helpers import (cli_env, explain, read_metrics, read_summary, run_cli,
+                                       run_main)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Three edit batches of ten, evaluated after each; small evaluation sets keep each run short.
 ARGS = ("+alg=lora", "+experiment=qa", "+model=tiny-t5small", "max_n_edits=30",
-        "metric_period=10", "melo.num_iter=8")
+        "metric_period=10", "melo.num_iter=8", "data.n_upstream=16", "eval.alone_records=4")
 
 
 def _drop_times(obj):
@@ -28,43 +36,54 @@ def _drop_times(obj):
     return obj
 
 
+def _same_results(run_dir: Path, reference: Path) -> None:
+    assert "resuming from" in (run_dir / "run.log").read_text()
+    assert not list(run_dir.rglob("*.tmp-*"))
+    assert _drop_times(read_summary(run_dir)) == _drop_times(read_summary(reference))
+    assert _drop_times(read_metrics(run_dir)) == _drop_times(read_metrics(reference))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    proc = run_cli(run_dir, *ARGS)
-    assert proc.returncode == 0, explain(proc)
+    assert run_main(run_dir, *ARGS) == 0
     return run_dir
 
 
-@pytest.mark.parametrize("kill_at,done_after_kill", [
-    ("1:after_checkpoint", 1),   # between batches
-    ("2:before_replace", 1),     # while writing the checkpoint of batch 2
-    ("3:after_edit", 2),         # the last batch edited and evaluated, not checkpointed
-])
-def test_kill_and_resume(reference: Path, tmp_path: Path, kill_at: str,
-                         done_after_kill: int) -> None:
-    killed = run_cli(tmp_path, *ARGS, env=cli_env(BTP_TEST_KILL_AT=kill_at))
+def test_sigkill_while_writing_the_checkpoint(reference: Path, tmp_path: Path) -> None:
+    killed = run_cli(tmp_path, *ARGS, env=cli_env(BTP_TEST_KILL_AT="2:before_replace"))
     assert killed.returncode == -9, explain(killed)
     assert not (tmp_path / "summary.json").exists()
     saved = checkpoint.load(tmp_path / "checkpoint")
-    assert saved is not None
-    assert saved[1]["batches_done"] == done_after_kill  # at most the batch in progress is lost
-    if kill_at.endswith("before_replace"):  # the killed writer's temporary file is left...
-        assert list((tmp_path / "checkpoint").glob(".state.safetensors.tmp-*"))
-
-    resumed = run_cli(tmp_path, *ARGS)
-    assert resumed.returncode == 0, explain(resumed)
-    assert "resuming from" in (tmp_path / "run.log").read_text()
-    assert not list(tmp_path.rglob("*.tmp-*"))  # ...and removed by the next start
-    assert _drop_times(read_summary(tmp_path)) == _drop_times(read_summary(reference))
-    assert _drop_times(read_metrics(tmp_path)) == _drop_times(read_metrics(reference))
+    assert saved is not None and saved[1]["batches_done"] == 1  # the batch being saved is lost
+    assert list((tmp_path / "checkpoint").glob(".state.safetensors.tmp-*"))  # left by the kill
+    assert run_main(tmp_path, *ARGS) == 0  # removes it, takes over the dead process's lock
+    _same_results(tmp_path, reference)
 
 
-def test_resume_refuses_changed_config(reference: Path, tmp_path: Path) -> None:
-    killed = run_cli(tmp_path, *ARGS, env=cli_env(BTP_TEST_KILL_AT="1:after_checkpoint"))
-    assert killed.returncode == -9, explain(killed)
-    changed = run_cli(tmp_path, *ARGS[:-1], "melo.num_iter=9")
-    assert changed.returncode == 2, explain(changed)
-    assert "different config" in changed.stderr and "melo.num_iter" in changed.stderr
-    assert len(changed.stderr.strip().splitlines()) == 1
+class _Stopped(BaseException):
+    """Raised by the kill hook: not an ``Exception``, so nothing on the way handles it."""
+
+
+@pytest.mark.parametrize("point,done_after_stop", [
+    ("1:after_checkpoint", 1),   # between batches
+    ("3:after_edit", 2),         # the last batch edited and evaluated, not checkpointed
+])
+def test_stop_and_resume(reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         point: str, done_after_stop: int) -> None:
+    import btp.loop
+
+    at, where = point.split(":")
+
+    def stop(hook_point: str, batches_done: int) -> None:
+        if hook_point == where and batches_done == int(at):
+            raise _Stopped
+
+    monkeypatch.setattr(btp.loop, "kill_hook", stop)
+    with pytest.raises(_Stopped):
+        run_main(tmp_path, *ARGS)
+    monkeypatch.undo()
     assert not (tmp_path / "summary.json").exists()
+    assert checkpoint.load(tmp_path / "checkpoint")[1]["batches_done"] == done_after_stop
+    assert run_main(tmp_path, *ARGS) == 0
+    _same_results(tmp_path, reference)

@@ -1,4 +1,5 @@
-"""Helpers for the runner's end-to-end tests: run ``btp/run.py`` in a subprocess.
+"""Helpers for the runner's end-to-end tests: run ``btp/run.py`` in this process or in a
+subprocess.
 
 Subprocesses use one CPU thread: on the shared 2-core machine, torch's default thread pool
 oversubscribes and a tiny model's generation becomes ~100x slower.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,24 @@ def run_cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
     cmd = [sys.executable, str(RUN_PY), *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, cwd=str(cwd or RUN_PY.parent), env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(run_dir: Path, *overrides: str) -> int:
+    """``python run.py <overrides> hydra.run.dir=<run_dir>`` in this process, the way the command
+    runs it (``runpy`` as ``__main__``: Hydra composes and writes ``.hydra/`` before the runner
+    starts), without a new interpreter's imports; the exit code."""
+    from hydra.core.hydra_config import HydraConfig
+
+    argv = sys.argv
+    sys.argv = ["run.py", *overrides, f"hydra.run.dir={run_dir}"]
+    try:
+        runpy.run_path(str(RUN_PY), run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = argv
+        HydraConfig.instance().cfg = None  # later tests run without a Hydra context
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
