@@ -1,7 +1,9 @@
 """WISE, MEMIT and AlphaEdit through the runner on the tiny Llama stand-in with the shipped zsRE
 and CounterFact samples: a ``summary.json`` with the fact tasks' keys, an ``adapter/`` written by
-the editor, a run killed with SIGKILL that resumes to the same summary and metrics, and the runs
-in ``python -m btp.report``'s tables.
+the editor, a run stopped after an edit that was not checkpointed that resumes to the same
+summary and metrics (stopped in this process; the real SIGKILL of a subprocess is
+tests/test_resume.py's), and the runs in ``python -m btp.report``'s tables. Everything runs in
+this process (``python run.py`` through runpy), without a new interpreter's imports.
 
 Iteration counts are cut to keep the tests short (the methods' own values are in
 config/alg/*.yaml); the tiny model is random, so the values are not checked, only the plumbing.
@@ -10,14 +12,12 @@ config/alg/*.yaml); the tiny model is random, so the values are not checked, onl
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from btp import checkpoint
-from tests.test_runner_helpers import cli_env, explain, read_metrics, read_summary, run_cli
+from tests.test_runner_helpers import read_metrics, read_summary, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,13 +66,12 @@ def test_runs_through_the_loop(alg: str, task: str, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Uninterrupted CounterFact runs (CLI, as the killed ones), one per method."""
+    """Uninterrupted CounterFact runs (the command form, as the stopped ones), one per method."""
     out = {}
     for alg in ALGS:
         d = tmp_path_factory.mktemp(f"ref_{alg}")
-        proc = run_cli(d / "run", f"+alg={alg}", "+experiment=counterfact", "+model=tiny-llama",
-                       *_small(alg, d / "stats"))
-        assert proc.returncode == 0, explain(proc)
+        assert run_main(d / "run", f"+alg={alg}", "+experiment=counterfact", "+model=tiny-llama",
+                        *_small(alg, d / "stats")) == 0
         out[alg] = d
     return out
 
@@ -85,19 +84,32 @@ def _drop_times(obj):
     return obj
 
 
+class _Stopped(BaseException):
+    """Raised by the kill hook: not an ``Exception``, so nothing on the way handles it."""
+
+
 @pytest.mark.parametrize("alg", ALGS)
-def test_sigkill_and_resume_to_the_same_summary(alg: str, references: dict[str, Path],
-                                                tmp_path: Path) -> None:
+def test_stop_and_resume_to_the_same_summary(alg: str, references: dict[str, Path],
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    import btp.loop
+
     args = (f"+alg={alg}", "+experiment=counterfact", "+model=tiny-llama",
             # the same statistics cache as the reference: the same config
             *_small(alg, references[alg] / "stats"))
-    killed = run_cli(tmp_path, *args, env=cli_env(BTP_TEST_KILL_AT="2:after_edit"))
-    assert killed.returncode == -9, explain(killed)
+
+    def stop(point: str, batches_done: int) -> None:  # batch 2 edited, not checkpointed
+        if point == "after_edit" and batches_done == 2:
+            raise _Stopped
+
+    monkeypatch.setattr(btp.loop, "kill_hook", stop)
+    with pytest.raises(_Stopped):
+        run_main(tmp_path, *args)
+    monkeypatch.undo()
     assert not (tmp_path / "summary.json").exists()
     saved = checkpoint.load(tmp_path / "checkpoint")
     assert saved is not None and saved[1]["batches_done"] == 1
-    resumed = run_cli(tmp_path, *args)
-    assert resumed.returncode == 0, explain(resumed)
+    assert run_main(tmp_path, *args) == 0
     assert "resuming from" in (tmp_path / "run.log").read_text()
     ref = references[alg] / "run"
     assert _drop_times(read_summary(tmp_path)) == _drop_times(read_summary(ref))
@@ -105,10 +117,10 @@ def test_sigkill_and_resume_to_the_same_summary(alg: str, references: dict[str, 
 
 
 def test_report_lists_the_three_methods(references: dict[str, Path], tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "btp.report", "--out", str(tmp_path / "out"),
-                           "--no-plots", *(str(references[a] / "run") for a in ALGS)],
-                          capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from btp.report.cli import main as report
+
+    assert report(["--out", str(tmp_path / "out"), "--no-plots",
+                   *(str(references[a] / "run") for a in ALGS)]) == 0
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert "## Task `counterfact`, model `tiny-llama`" in table
     rows = [line.split("|")[1].strip() for line in table.splitlines()
