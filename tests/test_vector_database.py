@@ -314,8 +314,13 @@ def test_nearest_center_is_the_exact_distance_argmin_on_near_ties() -> None:
     assert wrong > 0  # the expanded form alone gets some of these wrong
 
 
-def test_nearest_center_rechecks_beyond_the_candidate_window() -> None:
-    """Many near-equidistant centers (more than the re-ranked candidates): still the exact argmin."""
+@pytest.mark.parametrize("max_candidates", [256, 8], ids=["among candidates", "over every center"])
+def test_nearest_center_rechecks_beyond_the_candidate_window(max_candidates: int, monkeypatch) -> None:
+    """Many near-equidistant centers (more than the re-ranked candidates): still the exact argmin,
+    from the centers the rounding bound leaves open or, past ``_MAX_CANDIDATES``, from all."""
+    import peft_melo.vector_database as vdb
+
+    monkeypatch.setattr(vdb, "_MAX_CANDIDATES", max_candidates)
     gen = torch.Generator().manual_seed(3)
     key = torch.randn(1, 32, generator=gen) * 200
     dirs = torch.randn(40, 32, generator=gen)

@@ -288,9 +288,30 @@ class VectorDatabase:
                 * (key_sq + self._max_center_sq)
             unsure = (cand_approx[:, -1] + key_sq) - dist.square() <= bound
             if bool(unsure.any()):
+                # every center whose expanded value could still beat the best exact distance
                 rows = unsure.nonzero().squeeze(1)
-                idx[rows], dist[rows] = self._nearest_exhaustive(keys[rows])
+                limit = dist[rows].square() - key_sq[rows] + 2 * bound[rows]
+                r, c = (approx[rows] <= limit[:, None]).nonzero(as_tuple=True)
+                many = torch.bincount(r, minlength=rows.shape[0]) > _MAX_CANDIDATES
+                keep = ~many[r]
+                local = torch.arange(rows.shape[0], device=keys.device)
+                idx[rows], dist[rows] = self._exact_among(
+                    keys[rows], torch.cat([local, r[keep]]), torch.cat([idx[rows], c[keep]]))
+                if bool(many.any()):
+                    crowded = rows[many]
+                    idx[crowded], dist[crowded] = self._nearest_exhaustive(keys[crowded])
         return idx, dist
+
+    def _exact_among(self, keys: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact nearest center of each key [m] among its candidates, given as pairs (key
+        ``rows`` [P], center ``cols`` [P]): lowest index on an exact tie; inf for a key without
+        candidates."""
+        m = keys.shape[0]
+        exact = (keys[rows] - self.centers[cols]).norm(dim=1)  # as a per-cluster loop computes it
+        dist = torch.full((m,), float("inf"), device=keys.device).scatter_reduce(0, rows, exact, "amin")
+        at_min = exact == dist[rows]
+        idx = torch.full((m,), torch.iinfo(torch.long).max, dtype=torch.long, device=keys.device)
+        return idx.scatter_reduce(0, rows[at_min], cols[at_min], "amin"), dist
 
     def _nearest_exhaustive(self, keys: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact-distance argmin over every center (rare fallback), in chunks of centers."""
@@ -406,12 +427,7 @@ class VectorDatabase:
         rows, cols = torch.cat(found_rows), torch.cat(found_cols)
         full |= torch.bincount(rows, minlength=m) > _MAX_CANDIDATES + 1  # the seed counts twice
         keep = ~full[rows]
-        rows, cols = rows[keep], cols[keep]
-        exact = (keys[rows] - self.centers[cols]).norm(dim=1)  # as _nearest and a per-cluster loop
-        dist = torch.full((m,), float("inf"), device=dev).scatter_reduce(0, rows, exact, "amin")
-        at_min = exact == dist[rows]
-        idx = torch.full((m,), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)
-        idx = idx.scatter_reduce(0, rows[at_min], cols[at_min], "amin")  # lowest index on a tie
+        idx, dist = self._exact_among(keys, rows[keep], cols[keep])
         if bool(full.any()):
             many = full.nonzero().squeeze(1)
             idx[many], dist[many] = self._nearest(keys[many])
