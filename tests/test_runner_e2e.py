@@ -4,6 +4,8 @@ the shipped sample, one per task.
 Each run uses the tiny model's demo hyperparameters (config/values/model/tiny-*.yaml) with a short
 stream, and checks that edits are learned, upstream predictions are kept, and every output of a
 run is there: summary.json (keys), metrics.jsonl (one record per evaluation), adapter/, run.log.
+The qa run is the command itself, a subprocess (exit code, one CPU thread); the others run
+``run.py`` in this process the same way (runpy), without a new interpreter's imports.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_runner_helpers import (SUMMARY_KEYS, TASK_KEYS, explain, read_metrics,
-                                       read_summary, run_cli)
+                                       read_summary, run_cli, run_main)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the subprocess's one thread
 
 
 def _check_outputs(run_dir: Path, task: str, n_edits: int) -> dict:
@@ -34,6 +39,7 @@ def _check_outputs(run_dir: Path, task: str, n_edits: int) -> dict:
 
 
 def test_qa_tiny_t5small(tmp_path: Path) -> None:
+    """The CLI smoke test: ``python run.py`` as a user runs it."""
     proc = run_cli(tmp_path, "+alg=lora", "+experiment=qa", "+model=tiny-t5small",
                    "max_n_edits=20")
     assert proc.returncode == 0, explain(proc)
@@ -45,9 +51,10 @@ def test_qa_tiny_t5small(tmp_path: Path) -> None:
 
 def test_qa_tiny_t5large(tmp_path: Path) -> None:
     """The 24+24-block stand-in learns its edits (model.tiny.residual_scale, tiny-t5large.yaml)."""
-    proc = run_cli(tmp_path, "+alg=lora", "+experiment=qa", "+model=tiny-t5large",
-                   "max_n_edits=20", "metric_period=10")
-    assert proc.returncode == 0, explain(proc)
+    # smaller evaluation sets than the command's (the edits, not the sets, are what is tested)
+    assert run_main(tmp_path, "+alg=lora", "+experiment=qa", "+model=tiny-t5large",
+                    "max_n_edits=20", "metric_period=10", "data.n_upstream=16",
+                    "eval.alone_records=4") == 0
     s = _check_outputs(tmp_path, "qa", 20)
     assert s["ES"] >= 0.9 and s["ERR"] >= 0.9 and s["locality"] >= 0.95, s
     assert s["pre_edit"]["stream_unedited"] < 0.5  # the edits were not already right
@@ -56,17 +63,15 @@ def test_qa_tiny_t5large(tmp_path: Path) -> None:
 
 
 def test_scotus_tiny_bert(tmp_path: Path) -> None:
-    proc = run_cli(tmp_path, "+alg=lora", "+experiment=scotus", "+model=tiny-scotus-bert")
-    assert proc.returncode == 0, explain(proc)
+    assert run_main(tmp_path, "+alg=lora", "+experiment=scotus", "+model=tiny-scotus-bert") == 0
     s = _check_outputs(tmp_path, "scotus", 4)  # the whole shipped test split
     assert s["ES"] >= 0.9 and s["ERR"] >= 0.9 and s["locality"] >= 0.95, s
     assert s["pre_edit"]["stream_unedited"] < 0.9  # the edits were not already right
 
 
 def test_hallucination_tiny_gpt2(tmp_path: Path) -> None:
-    proc = run_cli(tmp_path, "+alg=lora", "+experiment=hallucination", "+model=tiny-gpt2xl",
-                   "max_n_edits=8", "data.n_upstream=8")
-    assert proc.returncode == 0, explain(proc)
+    assert run_main(tmp_path, "+alg=lora", "+experiment=hallucination", "+model=tiny-gpt2xl",
+                    "max_n_edits=8", "data.n_upstream=8") == 0
     s = _check_outputs(tmp_path, "hallucination", 8)
     # model.tiny.initializer_range 0.2 (tiny-gpt2xl.yaml) lifts the ~+-1.3 logit cap of GPT-2's
     # default 0.02 with tied embeddings, which otherwise kept perplexity above ~1/2 of unedited.
