@@ -11,7 +11,8 @@ Free of any one method's logic:
   ("context templates") that ROME, MEMIT and WISE put before an edit prompt
   (:func:`context_templates`), and an edit batch decoded back to its facts and re-tokenized
   with those prefixes (:func:`decode_facts`, :func:`templated_batch`);
-* hooks that capture a module's input or output (:class:`Capture`);
+* hooks that capture a module's input or output (:class:`Capture`) and keep the output head to
+  the positions a loss reads (:func:`head_at`);
 * strings kept in a checkpoint as tensors (:func:`strings_to_tensor`).
 """
 
@@ -310,6 +311,31 @@ def add_at_positions(block: nn.Module, rows: torch.Tensor, positions: torch.Tens
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def head_at(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """While open, the model's output head reads only the hidden states at
+    ``(rows[j], positions[j])``: a forward's logits are ``[1, P, V]`` (``P = len(rows)``, in the
+    given order) instead of ``[n, L, V]``.
+
+    An edit's loss needs the logits of its target tokens only; the head over every position of
+    every row (and the log-softmax and its backward over ``V``) dominates a small model's step.
+    The logits kept are computed as the head computes them, from the same hidden states.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"{type(model).__name__} has no output head to restrict")
+
+    def pre_hook(mod: nn.Module, args: tuple) -> tuple:
+        h = args[0]
+        return (h[rows.to(h.device), positions.to(h.device)].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
     try:
         yield
     finally:

@@ -36,6 +36,13 @@ layer's input). Margins ``alpha, beta, gamma`` = ``act_margin``. The steps stop 
 loss is below 0.02 and moved less than 1e-4 (the authors' stop). The edit's activation at its last
 step is recorded; the routing threshold is ``act_ratio`` times the smallest recorded activation.
 
+What a step computes is only what the loss reads, so that a step costs a forward and backward
+of the edit rows through the blocks from the side memory's up: the blocks below it run once per
+edit (the frozen-prefix cache); the output head runs at the target positions only; the
+irrelevant passage needs only ``a_irr``, which depends on the layer's input (computed below the
+side memory, the same at every step, captured by one forward per edit) and the side memory.
+The losses and the side memory are those of the whole batch's forward up to float rounding.
+
 **Inference.** Per input row: ``a(x)`` of the side memory; above the threshold the row gets the
 side memory's output at this layer, else the main memory's output, bit for bit. Before the first
 merge the side memory is the current shard; once shards are waiting to be merged, inference uses
@@ -63,8 +70,8 @@ from torch import nn
 from btp.editors.base import EditOutcome, Editor, register_editor
 from btp.editors.common import (cfg_get, model_device, model_inputs, model_kind, to_device,
                                 write_safetensors)
-from btp.editors.lm_edit import (context_templates, decode_facts, default_wise_layer,
-                                 linear_module, linear_with, passages, read_corpus,
+from btp.editors.lm_edit import (Capture, context_templates, decode_facts, default_wise_layer,
+                                 head_at, linear_module, linear_with, passages, read_corpus,
                                  strings_to_tensor, templated_batch, tensor_to_strings)
 from btp.editors.optim import Step, make_optimizer, run_steps
 from btp.errors import ConfigError
@@ -156,10 +163,12 @@ class WiseSideMemory:
         diff = (weight.float() - self._main.to(weight.device)).to(x.dtype)
         return linear_with(self.layer, x, diff, with_bias=False)
 
-    def activation(self, delta: torch.Tensor) -> torch.Tensor:
-        """``[n]``: the per-token norm of ``delta`` ``[n, L, d]`` averaged over real tokens."""
+    def activation(self, delta: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n]``: the per-token norm of ``delta`` ``[n, L, d]`` averaged over real tokens
+        (``attention_mask`` ``[n, L]``, else the routing context's; none: every token)."""
         norms = delta.float().norm(dim=-1)  # [n, L]
-        am = self.route.attention_mask
+        am = attention_mask if attention_mask is not None else self.route.attention_mask
         if am is None or am.shape != norms.shape:
             return norms.mean(1)
         m = am.to(norms.device).float()
@@ -342,23 +351,16 @@ class WiseEditor(Editor):
         gen = torch.Generator().manual_seed((self.base_seed * 1_000_003 + self.count) % 2**63)
         return torch.rand(self.shard.shape, generator=gen) < self.mask_ratio
 
-    def _training_batch(self, facts: list[tuple[str, str]]
-                        ) -> tuple[dict[str, torch.Tensor], int]:
-        """The facts under every template, then one irrelevant passage (last row)."""
-        edit, _ = templated_batch(self.tokenizer, facts, self.templates)
+    def _irrelevant_input(self) -> torch.Tensor:
+        """``[1, L, d_in]``: the side-memory layer's input for this edit's irrelevant passage
+        (the next passage of the corpus). It does not depend on the side memory (the layer's
+        input is computed below it), so one forward per edit gives it for every step."""
         text = self.irrelevant[self.count % len(self.irrelevant)]
-        irr = self.tokenizer(text, truncation=True, max_length=IRRELEVANT_MAX_TOKENS)["input_ids"]
-        n, width = edit["input_ids"].shape[0], max(edit["input_ids"].shape[1], len(irr))
-        pad = int(self.tokenizer.pad_token_id or 0)
-        ids = torch.full((n + 1, width), pad, dtype=torch.long)
-        am = torch.zeros((n + 1, width), dtype=torch.long)
-        labels = torch.full((n + 1, width), -100, dtype=torch.long)
-        w = edit["input_ids"].shape[1]
-        ids[:n, :w], am[:n, :w], labels[:n, :w] = (edit["input_ids"], edit["attention_mask"],
-                                                   edit["labels"])
-        ids[n, : len(irr)] = torch.tensor(irr)
-        am[n, : len(irr)] = 1
-        return {"input_ids": ids, "attention_mask": am, "labels": labels}, n
+        ids = self.tokenizer(text, truncation=True, max_length=IRRELEVANT_MAX_TOKENS,
+                             return_tensors="pt")["input_ids"]
+        with torch.no_grad(), self._mode("off"), Capture(self.base_model, [self.layer_name]) as cap:
+            self.base_model(input_ids=ids.to(model_device(self.base_model)), use_cache=False)
+        return cap.values[self.layer_name].detach()
 
     def edit(self, batch: dict[str, torch.Tensor]) -> EditOutcome:
         if self.tokenizer is None:
@@ -372,20 +374,30 @@ class WiseEditor(Editor):
         w0 = self.layer.weight.detach().float()
         shard = self.shard.to(device).requires_grad_(True)
         self.side.shard = shard
-        data, n_edit = self._training_batch(facts)
+        data, _ = templated_batch(self.tokenizer, facts, self.templates)
         data = to_device(data, device)
-        gold = data["labels"][:n_edit, 1:]
-        tmask = (gold != -100).float()
+        n_edit = data["input_ids"].shape[0]
+        x_irr = self._irrelevant_input()
+        # The target tokens: row, and the position whose logits predict them (one before).
+        rows, pos = (data["labels"][:, 1:] != -100).nonzero(as_tuple=True)  # [P] each
+        gold = data["labels"][:, 1:][rows, pos]  # [P]
+        per_row = torch.bincount(rows, minlength=n_edit).clamp(min=1).float()  # [n_edit]
         opt = make_optimizer("sgd", [shard], self.edit_lr)
         seen: dict[str, Any] = {"act_edit": 0.0, "last": None}
 
         def forward(step: int) -> Step:
-            logits = self.base_model(input_ids=data["input_ids"],
-                                     attention_mask=data["attention_mask"]).logits
-            logp = torch.log_softmax(logits[:n_edit, :-1].float(), -1)
-            tok = logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            nll = (-(tok * tmask).sum(1) / tmask.sum(1).clamp(min=1)).mean()
-            a_edit, a_irr = r.acts[:n_edit], r.acts[n_edit]
+            # Logits of the target positions only (the prompts need none): [1, P, V].
+            with head_at(self.base_model, rows, pos):
+                logits = self.base_model(input_ids=data["input_ids"],
+                                         attention_mask=data["attention_mask"],
+                                         use_cache=False).logits
+            logp = torch.log_softmax(logits[0].float(), -1)  # [P, V]
+            tok = logp.gather(-1, gold.unsqueeze(-1)).squeeze(-1)  # [P]
+            # Mean NLL of each row's target tokens, then the mean over the rows.
+            nll = -(torch.zeros(n_edit, device=tok.device).index_add(0, rows, tok)
+                    / per_row).mean()
+            a_edit = r.acts  # [n_edit], set by the hook in this forward
+            a_irr = self.side.activation(self.side.delta_out(x_irr, shard))[0]
             act = (torch.relu(a_irr - self.alpha) + torch.relu(self.beta - a_edit)
                    + torch.relu(self.gamma - (a_edit - a_irr))).mean()
             loss = nll + act
