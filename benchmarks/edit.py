@@ -17,7 +17,7 @@ median per-round ratio with its spread. ``torch.set_flush_denormal(True)`` is on
   Adam + StepLR steps of upstream peft's ``LoraModel`` on the same modules and rank.
 
 Usage: python -m benchmarks.edit [--iters N] [--rounds N] [--device cpu|cuda] [--threads N]
-       [--gpt2xl-layers N] [--gpt2xl-iters N] [--skip-gpt2xl]
+       [--gpt2xl-layers N] [--gpt2xl-iters N] [--skip-gpt2xl] [--parts t5small,plain_lora,gpt2xl]
 """
 
 from __future__ import annotations
@@ -106,31 +106,41 @@ def main() -> None:
     parser.add_argument("--gpt2xl-layers", type=int, default=48)
     parser.add_argument("--gpt2xl-iters", type=int, default=6, help="optimizer steps per GPT-2 XL edit")
     parser.add_argument("--skip-gpt2xl", action="store_true")
+    parser.add_argument("--parts", default="t5small,plain_lora,gpt2xl",
+                        help="comma-separated: t5small (edit_vs_uncached_t5small), plain_lora, gpt2xl")
     args = parser.parse_args()
     setup(args.threads)
+    parts = set(args.parts.split(","))
+    if args.skip_gpt2xl:
+        parts.discard("gpt2xl")
     dev = args.device
     lines = []
 
-    base = t5_small_ssm_nq(dev)
-    batch = t5_batch(args.batch, dev)
-    floor = plain_lora(base, batch, args.iters)  # on a copy: built before MELO wraps ``base``
-    base_for_floor = copy.deepcopy(base)
-    melo = melo_model(base, T5_TARGETS, T5_KEY, args.iters, 20, 2)
-    t5 = interleaved("t5small cached / uncached edit", editor(melo, batch, True),
-                     editor(melo, batch, False), args.rounds, dev)
-    lines.append(f"edit_vs_uncached_t5small={t5.median:.3f}")
-    melo = melo_model(base_for_floor, T5_TARGETS, T5_KEY, args.iters, 20, 2)  # empty database
-    empty = interleaved("MELO edit (0 clusters) / plain LoRA", editor(melo, batch), floor, args.rounds, dev)
-    g = torch.Generator().manual_seed(1)
-    filler = torch.randn(10_000, 512, generator=g).to(dev) * 100 + 1000
-    melo.database.update(filler, torch.arange(10_000), block=19)
-    full = interleaved("MELO edit (10,000 clusters) / plain LoRA", editor(melo, batch), floor,
-                       args.rounds, dev)
-    lines.append(f"edit_vs_plain_lora_0={empty.median:.3f}")
-    lines.append(f"edit_vs_plain_lora_10000={full.median:.3f}")
+    if parts & {"t5small", "plain_lora"}:
+        base = t5_small_ssm_nq(dev)
+        batch = t5_batch(args.batch, dev)
+    if "t5small" in parts:
+        melo = melo_model(copy.deepcopy(base), T5_TARGETS, T5_KEY, args.iters, 20, 2)
+        t5 = interleaved("t5small cached / uncached edit", editor(melo, batch, True),
+                         editor(melo, batch, False), args.rounds, dev)
+        lines.append(f"edit_vs_uncached_t5small={t5.median:.3f}")
+        del melo
+    if "plain_lora" in parts:
+        floor = plain_lora(base, batch, args.iters)  # on a copy: built before MELO wraps ``base``
+        melo = melo_model(base, T5_TARGETS, T5_KEY, args.iters, 20, 2)  # empty database
+        empty = interleaved("MELO edit (0 clusters) / plain LoRA", editor(melo, batch), floor, args.rounds, dev)
+        g = torch.Generator().manual_seed(1)
+        filler = torch.randn(10_000, 512, generator=g).to(dev) * 100 + 1000
+        melo.database.update(filler, torch.arange(10_000), block=19)
+        full = interleaved("MELO edit (10,000 clusters) / plain LoRA", editor(melo, batch), floor,
+                           args.rounds, dev)
+        lines.append(f"edit_vs_plain_lora_0={empty.median:.3f}")
+        lines.append(f"edit_vs_plain_lora_10000={full.median:.3f}")
+        del melo, floor
+    if parts & {"t5small", "plain_lora"}:
+        del base
 
-    if not args.skip_gpt2xl:
-        del melo, base, base_for_floor, floor
+    if "gpt2xl" in parts:
         model, targets, key = gpt2xl(args.gpt2xl_layers, dev)
         g = torch.Generator().manual_seed(2)
         ids = torch.randint(0, 50257, (4, 32), generator=g).to(dev)
