@@ -19,10 +19,12 @@ An update screens its keys on sketches before any full-width search: each center
 on ``SKETCH_DIMS`` principal directions of the centers plus the norm of its remainder, so that the
 distance between two sketches is a lower bound of the distance between the vectors (the
 remainders' norms differ by at most their distance). A key whose lower bound exceeds the reach
-(radius + init_radius) of every cluster founds a new cluster whichever center is nearest; the
-others get their exact nearest center among the few whose lower bound does not exceed the
-distance to the best sketch candidate (the full search where too many remain). The decisions are
-those of a full search; only the time depends on how well the sketch separates the data.
+(radius + init_radius) of every cluster founds a new cluster whichever center is nearest, unless
+a cluster that another key of the batch joins could widen enough to reach it; the others get
+their exact nearest center among the few whose lower bound does not exceed the distance to the
+best sketch candidate (the full search where too many remain). The decisions are those of a full
+search; only the time depends on how well the sketch separates the data. Routing searches every
+center (one product of the keys with all centers).
 """
 
 from __future__ import annotations
