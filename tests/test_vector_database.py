@@ -207,13 +207,14 @@ STREAMS = [
 # Settings that send the same streams down the other paths of the search and the index: a
 # one-direction sketch (weak bounds, many candidates), one candidate per key (the full search
 # behind the screen), steps of four centers (bounds kept per step; keys opening more than two
-# steps searched in full), compaction at every update.
+# steps searched in full), compaction at every update, routing through the screen.
 SEARCH_VARIANTS = {
     "default": {},
     "narrow sketch": {"SKETCH_DIMS": 1},
     "one candidate": {"_MAX_CANDIDATES": 1},
     "small steps": {"_SCREEN_STEP": 4, "_SCREEN_SPAN": 8, "_MAX_STEPS": 2},
     "eager compaction": {"_COMPACT_MIN": 0},
+    "screened routing": {"_SCREEN_ROUTES_FROM": 0},
 }
 
 
@@ -417,3 +418,28 @@ def test_index_is_rewritten_per_update_not_rebuilt() -> None:
     assert torch.equal(db.point_blocks, rebuilt.point_blocks)
     assert torch.equal(db.cluster_count, rebuilt.cluster_count)
     assert db._no - db._live <= max(db._live, 1024)
+
+
+def test_screened_routing_routes_as_the_full_search(monkeypatch) -> None:
+    """Routing through the sketch screen sends every key where the full search does: keys near
+    centers (inside and just outside), far keys, points of expanded and shrunk clusters."""
+    import peft_melo.vector_database as vdb
+
+    monkeypatch.setattr(vdb, "_SCREEN_STEP", 256)
+    gen = torch.Generator().manual_seed(7)
+    dim = 64
+    db = VectorDatabase(init_radius=1.0)
+    db.update(torch.randn(3000, dim, generator=gen) * 3, torch.arange(3000) % 5, block=0)
+    for block in range(1, 4):  # expansions and conflicts: multi-point clusters, placeholders
+        near = db.centers[torch.randint(0, len(db), (40,), generator=gen)] + 0.3 * torch.randn(40, dim, generator=gen)
+        db.update(near, torch.randint(0, 5, (40,), generator=gen), block=block)
+    centers = db.centers[torch.randint(0, len(db), (60,), generator=gen)]
+    probe = torch.cat([centers + 0.05 * torch.randn(60, dim, generator=gen),
+                       centers + 0.9 * torch.randn(60, dim, generator=gen) / dim ** 0.5,
+                       torch.randn(60, dim, generator=gen) * 3])
+    monkeypatch.setattr(vdb, "_SCREEN_ROUTES_FROM", 1 << 40)
+    want = db.route(probe)
+    monkeypatch.setattr(vdb, "_SCREEN_ROUTES_FROM", 0)
+    got = db.route(probe)
+    assert (want >= 0).sum() > 30 and (want < 0).sum() > 30  # both outcomes in the probe
+    assert torch.equal(got, want)

@@ -23,8 +23,9 @@ remainders' norms differ by at most their distance). A key whose lower bound exc
 a cluster that another key of the batch joins could widen enough to reach it; the others get
 their exact nearest center among the few whose lower bound does not exceed the distance to the
 best sketch candidate (the full search where too many remain). The decisions are those of a full
-search; only the time depends on how well the sketch separates the data. Routing searches every
-center (one product of the keys with all centers).
+search; only the time depends on how well the sketch separates the data. Routing on CPU screens
+its keys the same way from ``_SCREEN_ROUTES_FROM`` clusters on; smaller databases and GPUs search
+every center (one product of the keys with all centers).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ _FIT_SAMPLE = 2048
 _REFIT_BELOW = 1 << 17
 # Dead point rows / stale index entries tolerated beyond the live ones before compacting.
 _COMPACT_MIN = 1024
+# Routing on CPU screens its keys too from this many clusters on (below, or on a GPU, the one
+# product with every center costs less than the screen's extra steps and host reads).
+_SCREEN_ROUTES_FROM = 4096
 _GROWTH = 1.5
 
 LabelMatch = Literal["sum", "exact"]
@@ -499,7 +503,16 @@ class VectorDatabase:
         if len(self) == 0:
             return torch.full((n,), NO_BLOCK, dtype=torch.long, device=keys.device)
         keys = keys.detach().to(self.centers.device, torch.float32)
-        idx, dist = self._nearest(keys)
+        if self.device.type == "cpu" and len(self) >= _SCREEN_ROUTES_FROM:
+            # A key beyond every reach is outside its nearest cluster whichever that is.
+            screen = self._screen(keys)
+            near = (screen.lows.amin(1) + screen.ks_sq <= screen.slack).nonzero().squeeze(1)
+            idx = torch.zeros(n, dtype=torch.long, device=keys.device)
+            dist = torch.full((n,), float("inf"), device=keys.device)
+            if near.numel():
+                idx[near], dist[near] = self._nearest_screened(keys[near], screen.select(near))
+        else:
+            idx, dist = self._nearest(keys)
         inside = dist <= self.radii[idx]
         counts = self.cluster_count[idx]  # [n]
         if self._single_point:
