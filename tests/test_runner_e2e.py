@@ -41,7 +41,7 @@ def _check_outputs(run_dir: Path, task: str, n_edits: int) -> dict:
 def test_qa_tiny_t5small(tmp_path: Path) -> None:
     """The CLI smoke test: ``python run.py`` as a user runs it."""
     proc = run_cli(tmp_path, "+alg=lora", "+experiment=qa", "+model=tiny-t5small",
-                   "max_n_edits=20")
+                   "max_n_edits=20", "data.n_upstream=16", "eval.alone_records=4")
     assert proc.returncode == 0, explain(proc)
     s = _check_outputs(tmp_path, "qa", 20)
     assert s["ES"] >= 0.9 and s["locality"] >= 0.95, s

@@ -25,6 +25,8 @@ from btp.errors import ConfigError, UserError
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
 TINY_RUN = ["+alg=lora", "+experiment=qa", "+model=tiny-t5small"]
+#: Evaluation sets and steps cut down where a test is about the sweep, not the numbers.
+SMALL_EVAL = ["data.n_upstream=10", "eval.alone_records=0", "melo.num_iter=20"]
 
 
 def _compose(overrides: list[str]):
@@ -207,7 +209,8 @@ def test_user_error_fails_only_its_job_in_a_basic_multirun(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_local_multirun_resumes_then_skips(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    args = ["seed=0,1", "max_n_edits=20"]  # 2 jobs x 2 edit batches of 10 (tiny-t5small)
+    # 2 jobs x 2 edit batches of 10 (tiny-t5small); small evaluation sets: the sweep is tested
+    args = ["seed=0,1", "max_n_edits=20", *SMALL_EVAL]
 
     # 1. Both jobs are killed after their first batch's checkpoint (as a time-out or preemption
     #    would): no summary, a checkpoint each, and the multirun reports the failure.
@@ -304,7 +307,7 @@ def test_failed_job_leaves_the_other_running(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     # Job 0 fails at once (no data there); job 1 is a normal tiny run.
     proc = _multirun(sweep_dir, [f"data_dir={tmp_path / 'missing'},{ROOT / 'data'}",
-                                 "max_n_edits=8"])
+                                 "max_n_edits=8", *SMALL_EVAL])
     assert proc.returncode != 0  # the sweep reports the failed job...
     # Find each job's directory by its overrides (independent of the subdir naming scheme).
     deadline = time.time() + 120
