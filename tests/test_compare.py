@@ -599,7 +599,8 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env.pop("BTP_TEST_KILL_AT", None)
     cmd = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", "+alg=lora,grace",
            "+experiment=qa", "+model=tiny-t5small", "seed=0,1", "max_n_edits=8",
-           "metric_period=4", "data.n_upstream=8", "eval.alone_records=4", "melo.num_iter=10",
+           "metric_period=4", "data.n_upstream=8", "eval.alone_records=4", "eval.max_length=8",
+           "melo.num_iter=10",
            "grace.num_iter=10"]  # GRACE edits one record at a time: 8 edits; keep it short
     proc = subprocess.run(cmd, cwd=ROOT / "btp", env=env, capture_output=True, text=True,
                           timeout=900)

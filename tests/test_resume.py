@@ -23,9 +23,10 @@ from tests.test_runner_helpers import (cli_env, explain, read_metrics, read_summ
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: Three edit batches of ten, evaluated after each; small evaluation sets keep each run short.
-ARGS = ("+alg=lora", "+experiment=qa", "+model=tiny-t5small", "max_n_edits=30",
-        "metric_period=10", "melo.num_iter=8", "data.n_upstream=16", "eval.alone_records=4")
+#: Three edit batches of five, evaluated after each; small evaluation sets keep each run short.
+ARGS = ("+alg=lora", "+experiment=qa", "+model=tiny-t5small", "max_n_edits=15",
+        "num_edit_per_block=5", "metric_period=5", "melo.num_iter=8", "data.n_upstream=16",
+        "eval.alone_records=4", "eval.max_length=8")
 
 
 def _drop_times(obj):

@@ -39,7 +39,7 @@ LOCAL_LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug",
 #: Cheap real runs: 5 edit batches of 10 (enough left to cancel after the first one, before the
 #: end), one evaluation before the first and one after the last.
 TINY = ["+experiment=qa", "+model=tiny-t5small", "max_n_edits=50", "metric_period=50",
-        "data.n_upstream=10", "eval.alone_records=0", "melo.num_iter=20",
+        "data.n_upstream=10", "eval.alone_records=0", "eval.max_length=8", "melo.num_iter=20",
         "plain_lora.num_iter=20"]
 KILL_WAIT_S = 1  # SIGTERM -> SIGKILL of a cancelled job (submitit ignores SIGTERM)
 
