@@ -91,6 +91,10 @@ class _Screen:
     def select(self, rows: torch.Tensor) -> "_Screen":
         return _Screen(self.ks[rows], self.ks_sq[rows], self.slack[rows], self.lows[rows], self.least_need)
 
+    def beyond_reach(self) -> torch.Tensor:
+        """[n] keys whose sketch bound exceeds every cluster's reach (outside them all)."""
+        return self.lows.amin(1) + self.ks_sq > self.slack
+
 
 def _as_label_rows(labels: torch.Tensor) -> torch.Tensor:
     """Labels as a 2-D LongTensor [n, L]: class ids become one column, token ids stay as they are."""
@@ -473,7 +477,7 @@ class VectorDatabase:
         """
         n = keys.shape[0]
         screen = self._screen(keys)
-        clear = screen.lows.amin(1) + screen.ks_sq > screen.slack
+        clear = screen.beyond_reach()
         nearest = torch.full((n,), -1, dtype=torch.long, device=keys.device)
         dist = torch.full((n,), float("inf"), device=keys.device)
         search = ~clear
@@ -506,7 +510,7 @@ class VectorDatabase:
         if self.device.type == "cpu" and len(self) >= _SCREEN_ROUTES_FROM:
             # A key beyond every reach is outside its nearest cluster whichever that is.
             screen = self._screen(keys)
-            near = (screen.lows.amin(1) + screen.ks_sq <= screen.slack).nonzero().squeeze(1)
+            near = (~screen.beyond_reach()).nonzero().squeeze(1)
             idx = torch.zeros(n, dtype=torch.long, device=keys.device)
             dist = torch.full((n,), float("inf"), device=keys.device)
             if near.numel():
