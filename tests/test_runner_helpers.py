@@ -24,6 +24,10 @@ RUN_PY = REPO_ROOT / "btp" / "run.py"
 SUMMARY_KEYS = {"task", "alg", "model", "n_edits", "ES", "ERR", "TRR", "locality", "clusters",
                 "conflicts", "forgotten", "edit_time_s"}
 TASK_KEYS = {name: set(spec.summary_keys) for name, spec in TASKS.items()}
+#: Small evaluation sets and short edits for tiny qa runs whose test is about the machinery (a
+#: sweep, a queue, a resume), not the numbers: generation is most of a tiny run's time.
+SMALL_EVAL = ("data.n_upstream=10", "eval.alone_records=0", "eval.max_length=8",
+              "melo.num_iter=20")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

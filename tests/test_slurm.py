@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.test_runner_helpers import SMALL_EVAL
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local-slurm.sh"
 #: The launcher settings for the local cluster, as README's "Sweeps on a cluster" shows them.
@@ -39,8 +41,7 @@ LOCAL_LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug",
 #: Cheap real runs: 5 edit batches of 10 (enough left to cancel after the first one, before the
 #: end), one evaluation before the first and one after the last.
 TINY = ["+experiment=qa", "+model=tiny-t5small", "max_n_edits=50", "metric_period=50",
-        "data.n_upstream=10", "eval.alone_records=0", "eval.max_length=8", "melo.num_iter=20",
-        "plain_lora.num_iter=20"]
+        *SMALL_EVAL, "plain_lora.num_iter=20"]
 KILL_WAIT_S = 1  # SIGTERM -> SIGKILL of a cancelled job (submitit ignores SIGTERM)
 
 pytestmark = pytest.mark.slow
@@ -237,7 +238,8 @@ def test_sweep_on_slurm_runs_skips_survives_a_failure_and_resumes_a_cancelled_jo
         _wait("the cancelled job to leave the queue", lambda: not _in_queue(env, task),
               timeout=60 + KILL_WAIT_S)
         assert not (cancelled / "summary.json").exists()
-        assert 1 <= _batches_done(cancelled) < 5
+        done_at_cancel = _batches_done(cancelled)  # at least 1: waited for above
+        assert done_at_cancel < 5, "the job ended its last batch before it was cancelled"
 
         # The other jobs run on to their summary; the failed ones logged the data error.
         finished = _wait("the other good job's summary", lambda: (
@@ -266,7 +268,7 @@ def test_sweep_on_slurm_runs_skips_survives_a_failure_and_resumes_a_cancelled_jo
     assert resubmit.returncode != 0  # the sweep reports the failed jobs once all have ended
     assert str(bad_data / "zsre_mend_eval.json") in resubmit.stdout + resubmit.stderr
     log = (cancelled / "run.log").read_text()
-    assert "resuming from" in log, log[-3000:]
+    assert f": {done_at_cancel} of 5 batches done" in log, log[-3000:]  # resumed where it stopped
     assert _results(json.loads((cancelled / "summary.json").read_text())) == \
         _results(summaries[reference[0]])
     assert _records(cancelled) == _records(reference[0])

@@ -21,13 +21,11 @@ from omegaconf import OmegaConf
 
 from btp import sweep
 from btp.errors import ConfigError, UserError
+from tests.test_runner_helpers import SMALL_EVAL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
 TINY_RUN = ["+alg=lora", "+experiment=qa", "+model=tiny-t5small"]
-#: Evaluation sets and steps cut down where a test is about the sweep, not the numbers.
-SMALL_EVAL = ["data.n_upstream=10", "eval.alone_records=0", "eval.max_length=8",
-              "melo.num_iter=20"]
 
 
 def _compose(overrides: list[str]):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -32,30 +33,26 @@ def _token_accuracy(editor: WiseEditor, batch: dict[str, torch.Tensor]) -> float
     return float(torch.cat([p == g for p, g in zip(preds, golds)]).float().mean())
 
 
+@pytest.mark.usefixtures("one_thread")  # the bit-identical comparison below sums in one order
 def test_wise_answers_each_edit_on_tiny_llama() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the bit-identical comparison below sums in one order
-    try:
-        model_cfg = yaml.safe_load((REPO / "config/model/tiny-llama.yaml").read_text())
-        values = yaml.safe_load((REPO / "config/values/model/tiny-llama.yaml").read_text())
-        model, tok = load_model_and_tokenizer(model_cfg, "cpu", seed=0)
-        facts = load_counterfact(REPO / "data", 3, None, lambda key, default: default).edits
-        up = fact_batch(tok, [fact(q, "yes") for q in UPSTREAM], 64)
-        up_inputs = {k: up[k] for k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
-            up_before = model(**up_inputs).logits
-        editor = WiseEditor(model, values.get("wise", {}), model_cfg)
-        editor.attach_tokenizer(tok, REPO / "data")
-        unedited = []
-        for record in facts:
-            batch = fact_batch(tok, [record], 64)
-            unedited.append(_token_accuracy(editor, batch))
-            editor.edit(batch)
-            assert _token_accuracy(editor, batch) >= 0.9, record  # ES of this edit
-            alone = tok(record["text"], return_tensors="pt")
-            assert editor.route_rows(**alone).tolist() == [0]  # asked alone: the side memory
-        assert max(unedited) < 0.5  # the targets were not already the model's answers
-        assert editor.route_rows(**up_inputs).tolist() == [-1] * len(UPSTREAM)
-        assert torch.equal(editor.forward(**up_inputs).logits, up_before)
-    finally:
-        torch.set_num_threads(threads)
+    model_cfg = yaml.safe_load((REPO / "config/model/tiny-llama.yaml").read_text())
+    values = yaml.safe_load((REPO / "config/values/model/tiny-llama.yaml").read_text())
+    model, tok = load_model_and_tokenizer(model_cfg, "cpu", seed=0)
+    facts = load_counterfact(REPO / "data", 3, None, lambda key, default: default).edits
+    up = fact_batch(tok, [fact(q, "yes") for q in UPSTREAM], 64)
+    up_inputs = {k: up[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        up_before = model(**up_inputs).logits
+    editor = WiseEditor(model, values.get("wise", {}), model_cfg)
+    editor.attach_tokenizer(tok, REPO / "data")
+    unedited = []
+    for record in facts:
+        batch = fact_batch(tok, [record], 64)
+        unedited.append(_token_accuracy(editor, batch))
+        editor.edit(batch)
+        assert _token_accuracy(editor, batch) >= 0.9, record  # ES of this edit
+        alone = tok(record["text"], return_tensors="pt")
+        assert editor.route_rows(**alone).tolist() == [0]  # asked alone: the side memory
+    assert max(unedited) < 0.5  # the targets were not already the model's answers
+    assert editor.route_rows(**up_inputs).tolist() == [-1] * len(UPSTREAM)
+    assert torch.equal(editor.forward(**up_inputs).logits, up_before)
